@@ -1,0 +1,94 @@
+"""reliable_messaging: provably reliable delivery over real Kafka and RabbitMQ brokers.
+
+The public names are listed in ``__all__``; everything else lives in private
+modules. Broker adapters load lazily, so ``import reliable_messaging`` works with
+only one of the client libraries installed; using an adapter whose client is
+missing raises ImportError with the pip command that installs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._dedup._base import ClaimResult, DedupStore
+from ._errors import (
+    TRANSIENT_ERRORS,
+    BrokerUnavailable,
+    ClosedError,
+    ConfigurationError,
+    ConsumerCancelled,
+    DeliveryError,
+    DeliveryFailed,
+    DeliveryTimeout,
+    InvalidMessage,
+    MessageTooLarge,
+    Nacked,
+    NotEnoughReplicas,
+    ProcessingSignal,
+    Reject,
+    ReliableMessagingError,
+    Retry,
+    StoreUnavailable,
+    TopologyMismatch,
+    Unroutable,
+    is_transient,
+)
+from ._handling import ConsumerStats, Disposition, Outcome
+from ._message import Delivery, DeliveryFuture, Message
+from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
+
+__version__ = "0.1.0"
+
+# Public names that live in optional backends: name -> private module.
+_LAZY: dict[str, str] = {}
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = [
+    "DEFAULT_RETRY_POLICY",
+    "TRANSIENT_ERRORS",
+    "BrokerUnavailable",
+    "ClaimResult",
+    "ClosedError",
+    "ConfigurationError",
+    "ConsumerCancelled",
+    "ConsumerStats",
+    "DedupStore",
+    "Delivery",
+    "DeliveryError",
+    "DeliveryFailed",
+    "DeliveryFuture",
+    "DeliveryTimeout",
+    "Disposition",
+    "InvalidMessage",
+    "Message",
+    "MessageTooLarge",
+    "Nacked",
+    "NotEnoughReplicas",
+    "Outcome",
+    "ProcessingSignal",
+    "Reject",
+    "ReliableMessagingError",
+    "Retry",
+    "RetryPolicy",
+    "StoreUnavailable",
+    "TopologyMismatch",
+    "Unroutable",
+    "__version__",
+    "is_transient",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reliable_messaging' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

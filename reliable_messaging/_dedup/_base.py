@@ -1,0 +1,85 @@
+"""The dedup-store contract behind idempotent consumers.
+
+At-least-once delivery means duplicates: a producer resends when an ack is lost,
+a broker redelivers what a crashed consumer had not acknowledged. An idempotent
+consumer remembers which message ids it has finished, in three steps:
+
+1. ``claim(key)`` before the handler runs. ``ACQUIRED``: this consumer owns the
+   key for ``lease`` seconds and runs the handler. ``DONE``: already processed;
+   acknowledge without calling the handler. ``IN_PROGRESS``: another consumer
+   holds a live lease; hand the message back for later.
+2. ``mark_done(key)`` after the handler succeeded, *before* the broker
+   acknowledgement, so a crash between the two is deduplicated on redelivery.
+3. ``release(key)`` after the handler failed, so the redelivery is processed.
+
+A claim held by a consumer that crashed expires after ``lease`` seconds. Done
+records are kept for ``ttl`` seconds: duplicates arriving later than that are
+processed again, so ``ttl`` must exceed the longest redelivery horizon
+(retention of retry topics/queues, consumer downtime).
+
+What this does *not* make atomic: the handler's own side effects and
+``mark_done``. A crash after the handler's effects but before ``mark_done``
+runs the handler again on redelivery; handlers whose effects live in the same
+database can close that window by writing the key in their own transaction.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+
+from .._errors import ConfigurationError
+
+__all__ = ["DEFAULT_LEASE", "DEFAULT_TTL", "ClaimResult", "DedupStore"]
+
+DEFAULT_LEASE = 60.0
+"""Seconds a claim stays valid: longer than a normal handler run, short enough that a crashed
+consumer's messages are picked up again within a minute."""
+
+DEFAULT_TTL = 7 * 24 * 3600.0
+"""Seconds a finished message id is remembered: a week, Kafka's default log retention,
+so a message re-read from the log within retention is still recognised."""
+
+
+class ClaimResult(enum.Enum):
+    """What :meth:`DedupStore.claim` found."""
+
+    ACQUIRED = "acquired"
+    """This consumer now owns the key: run the handler."""
+    DONE = "done"
+    """Already processed: acknowledge without calling the handler."""
+    IN_PROGRESS = "in_progress"
+    """Another consumer holds a live claim: hand the message back (retry later)."""
+
+
+class DedupStore(abc.ABC):
+    """A record of claimed and finished message ids. Implementations are thread-safe."""
+
+    def __init__(self, *, lease: float = DEFAULT_LEASE, ttl: float = DEFAULT_TTL) -> None:
+        if not isinstance(lease, int | float) or lease <= 0:
+            raise ConfigurationError(f"lease must be a number of seconds > 0, got {lease!r}", field="lease")
+        if not isinstance(ttl, int | float) or ttl < lease:
+            raise ConfigurationError(f"ttl must be a number of seconds >= lease ({lease}), got {ttl!r}", field="ttl")
+        self.lease = float(lease)
+        self.ttl = float(ttl)
+
+    @abc.abstractmethod
+    def claim(self, key: str) -> ClaimResult:
+        """Try to take ``key`` for processing (see :class:`ClaimResult`)."""
+
+    @abc.abstractmethod
+    def mark_done(self, key: str) -> None:
+        """Record ``key`` as processed for ``ttl`` seconds."""
+
+    @abc.abstractmethod
+    def release(self, key: str) -> None:
+        """Give up this consumer's claim on ``key`` so a redelivery is processed."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores have nothing to close
+        """Release resources (connections, files)."""
+
+    def __enter__(self) -> DedupStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

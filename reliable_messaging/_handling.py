@@ -1,0 +1,265 @@
+"""What happens to a delivered message: the broker-independent half of every consumer.
+
+A consumer adapter (Kafka, RabbitMQ) receives a message, decodes it, asks a
+:class:`HandlerRunner` for an :class:`Outcome`, and carries the outcome out with
+its broker's primitives:
+
+=============  =====================================  ===========================================
+disposition    Kafka                                  RabbitMQ
+=============  =====================================  ===========================================
+ACK            mark offset processed, commit per mode basic.ack
+RETRY          publish to the retry topic for         delay queue (TTL dead-letters back) or
+               ``delay``, mark offset processed       basic.nack(requeue=True)
+DEAD_LETTER    publish to the dead-letter topic,      basic.reject(requeue=False) -> DLX
+               mark offset processed
+=============  =====================================  ===========================================
+
+Handler outcomes: returning normally acknowledges; raising
+:class:`~reliable_messaging.Retry` retries (with its delay if given);
+raising :class:`~reliable_messaging.Reject` dead-letters at once; any other
+exception follows the retry policy, then dead-letters when attempts run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from ._dedup._base import ClaimResult, DedupStore
+from ._errors import Reject, Retry, StoreUnavailable
+from ._message import Message
+from ._retry import RetryPolicy
+
+__all__ = ["ConsumerStats", "Disposition", "HandlerRunner", "Outcome"]
+
+logger = logging.getLogger("reliable_messaging.consumer")
+
+M = TypeVar("M", bound=Message)
+
+
+class Disposition(enum.Enum):
+    """What the consumer does with a message after the handler ran."""
+
+    ACK = "ack"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The decision for one message.
+
+    ``delay``: seconds before the retry. ``counts_attempt`` is False when the
+    handler did not run (the dedup store was unavailable, or another consumer
+    holds the claim), so that bounce does not use up the message's attempts.
+    """
+
+    disposition: Disposition
+    delay: float = 0.0
+    reason: str = ""
+    error: BaseException | None = None
+    deduplicated: bool = False
+    counts_attempt: bool = True
+
+
+ACKED = Outcome(Disposition.ACK)
+DEDUPLICATED = Outcome(Disposition.ACK, deduplicated=True)
+
+
+@dataclass
+class ConsumerStats:
+    """Counters of one consumer, for logs, tests and benchmarks.
+
+    Updated by the consumer's own thread only; readers see a consistent-enough
+    snapshot (each field is a plain int).
+    """
+
+    processed: int = 0
+    """Handler returned normally."""
+    failed: int = 0
+    """Handler raised (any exception, including Retry and Reject)."""
+    retried: int = 0
+    """Messages sent back for another attempt."""
+    dead_lettered: int = 0
+    """Messages sent to the dead-letter topic/exchange."""
+    deduplicated: int = 0
+    """Messages acknowledged without calling the handler: already done."""
+    undecodable: int = 0
+    """Messages the decoder could not decode (dead-lettered at once)."""
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class HandlerRunner(Generic[M]):
+    """Runs a handler on one message and decides its :class:`Outcome`.
+
+    Owns decoding, deduplication (claim, run, mark done / release), sync and
+    ``async def`` handlers, and the retry decision. Thread-confined: one
+    consumer thread calls it.
+
+    ``async def`` handlers run on ``loop`` (e.g. the service's own event loop)
+    or, when none is given, on a private loop in a daemon thread; the consumer
+    thread waits for the coroutine, so per-partition/queue order is kept.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[M], Any],
+        *,
+        retry: RetryPolicy,
+        decoder: Callable[[bytes], Any] | None = None,
+        dedup: DedupStore | None = None,
+        dedup_key: Callable[[M], str] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+        self.handler = handler
+        self.retry = retry
+        self.decoder = decoder
+        self.dedup = dedup
+        self.dedup_key: Callable[[M], str] = dedup_key or _message_id_key
+        self.stats = ConsumerStats()
+        self._loop = loop
+        self._own_loop_thread: threading.Thread | None = None
+        self._warned_no_key = False
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def decode(self, body: bytes) -> tuple[Any, Outcome | None]:
+        """Decode ``body``; on failure return the dead-letter outcome (no retry can fix bad bytes)."""
+        if self.decoder is None:
+            return body, None
+        try:
+            return self.decoder(body), None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means the bytes are undecodable
+            self.stats.undecodable += 1
+            self.stats.dead_lettered += 1
+            logger.warning("undecodable message (%s: %s): dead-lettering it", type(exc).__name__, exc)
+            return None, Outcome(
+                Disposition.DEAD_LETTER, reason=f"undecodable: {type(exc).__name__}: {exc}", error=exc
+            )
+
+    # -- running --------------------------------------------------------------------------------
+
+    def invoke(self, message: M) -> Outcome:
+        """Run the handler on ``message`` (with deduplication) and decide what to do with it."""
+        key = ""
+        if self.dedup is not None:
+            key = self.dedup_key(message)
+            if not key:
+                if not self._warned_no_key:
+                    logger.warning("message without a message id from %s: processed without deduplication",
+                                   message.source)
+                    self._warned_no_key = True
+            else:
+                try:
+                    claim = self.dedup.claim(key)
+                except StoreUnavailable as exc:
+                    logger.warning("dedup store unavailable (%s): message %s handed back", exc, key)
+                    logger.debug("dedup store failure", exc_info=exc)
+                    return self._bounce(message, f"dedup store unavailable: {exc}", exc)
+                if claim is ClaimResult.DONE:
+                    self.stats.deduplicated += 1
+                    return DEDUPLICATED
+                if claim is ClaimResult.IN_PROGRESS:
+                    return self._bounce(message, "claimed by another consumer", None)
+        try:
+            self._call(message)
+        except Exception as exc:  # noqa: BLE001 - every handler failure is an outcome, decided below
+            if key and self.dedup is not None:
+                self._release(key)
+            return self._failed(message, exc)
+        if key and self.dedup is not None:
+            try:
+                self.dedup.mark_done(key)
+            except StoreUnavailable as exc:
+                # The work is done; acknowledging is right. Only a later duplicate may run again.
+                logger.warning("could not record message %s as done (%s); a duplicate would be reprocessed",
+                               key, exc)
+        self.stats.processed += 1
+        return ACKED
+
+    def _call(self, message: M) -> None:
+        result = self.handler(message)
+        if inspect.isawaitable(result):
+            future = asyncio.run_coroutine_threadsafe(_await(result), self._event_loop())
+            future.result()
+
+    def _release(self, key: str) -> None:
+        assert self.dedup is not None
+        try:
+            self.dedup.release(key)
+        except StoreUnavailable as exc:
+            logger.warning("could not release claim on %s (%s); it expires after the lease", key, exc)
+
+    def _bounce(self, message: M, reason: str, error: BaseException | None) -> Outcome:
+        self.stats.retried += 1
+        return Outcome(
+            Disposition.RETRY,
+            delay=self.retry.delay_for(1),
+            reason=reason,
+            error=error,
+            counts_attempt=False,
+        )
+
+    def _failed(self, message: M, exc: Exception) -> Outcome:
+        self.stats.failed += 1
+        attempt = message.attempt
+        if isinstance(exc, Reject):
+            logger.warning("message %s rejected by handler: %s", message.message_id, exc.reason)
+            self.stats.dead_lettered += 1
+            return Outcome(Disposition.DEAD_LETTER, reason=exc.reason, error=exc)
+        description = f"{type(exc).__name__}: {exc}"
+        if self.retry.exhausted(attempt):
+            logger.warning(
+                "message %s failed attempt %d/%d (%s): dead-lettering it",
+                message.message_id, attempt, self.retry.max_attempts, description,
+            )
+            logger.debug("handler failure", exc_info=exc)
+            self.stats.dead_lettered += 1
+            return Outcome(
+                Disposition.DEAD_LETTER,
+                reason=f"retries exhausted after {attempt} attempts: {description}",
+                error=exc,
+            )
+        delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else self.retry.delay_for(attempt)
+        logger.warning(
+            "message %s failed attempt %d/%d (%s): retrying in %.2fs",
+            message.message_id, attempt, self.retry.max_attempts, description, delay,
+        )
+        logger.debug("handler failure", exc_info=exc)
+        self.stats.retried += 1
+        return Outcome(Disposition.RETRY, delay=delay, reason=description, error=exc)
+
+    # -- async support --------------------------------------------------------------------------
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="reliable-messaging-handlers", daemon=True)
+            thread.start()
+            self._loop, self._own_loop_thread = loop, thread
+        return self._loop
+
+    def close(self) -> None:
+        """Stop the private event loop, if one was started."""
+        if self._own_loop_thread is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._own_loop_thread.join(timeout=5)
+            self._loop.close()
+            self._own_loop_thread = None
+            self._loop = None
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _message_id_key(message: Message) -> str:
+    return message.message_id

@@ -1,0 +1,149 @@
+"""Messages and delivery results shared by both brokers.
+
+Outgoing messages are plain arguments to ``publish`` (body, key, headers,
+message id); what comes back is a :class:`DeliveryFuture` resolved with a
+:class:`Delivery` once the broker has taken responsibility for the message.
+Incoming messages are :class:`Message` objects (subclassed per broker with the
+positional details of that broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Generator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from ._errors import InvalidMessage
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "MESSAGE_ID_HEADER",
+    "Delivery",
+    "DeliveryFuture",
+    "HeaderValue",
+    "Message",
+    "coerce_body",
+    "new_message_id",
+]
+
+MESSAGE_ID_HEADER = "message-id"
+"""Header carrying the producer-stamped message id (Kafka; RabbitMQ uses the AMQP ``message_id`` property).
+
+Consumers deduplicate on it: a producer that resends after a lost ack sends the same id again.
+"""
+
+ATTEMPT_HEADER = "x-rm-attempt"
+"""The library's own attempt counter, carried on messages re-sent through retry topics/queues.
+
+It is 1-based: the first delivery is attempt 1 and carries no header.
+"""
+
+HeaderValue: TypeAlias = "str | bytes | int | float | bool | None"
+
+
+def new_message_id() -> str:
+    """A fresh message id: 128 random bits as 32 hex characters.
+
+    ``os.urandom(16).hex()`` costs a fifth of ``str(uuid.uuid4())`` and has the
+    same collision odds, which matters on the per-message publish path.
+    """
+    return os.urandom(16).hex()
+
+
+def coerce_body(body: object) -> bytes:
+    """Return the body as bytes; ``str`` is encoded as UTF-8.
+
+    Raises :class:`InvalidMessage` for anything else, at call time, so a bad
+    message never reaches the broker or disturbs messages already in flight.
+    """
+    if type(body) is bytes:  # the common case first: no copy
+        return body
+    if isinstance(body, bytes | bytearray | memoryview):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    raise InvalidMessage(
+        f"message body must be bytes, bytearray, memoryview or str, got {type(body).__name__}; "
+        "serialize it first (e.g. json.dumps(obj).encode())"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the broker confirmed for one published message.
+
+    Kafka: ``destination`` is the topic; ``partition``, ``offset`` and
+    ``timestamp`` (seconds since the epoch) come from the broker's delivery
+    report. With ``acks=0`` the broker sends no answer, so ``offset`` is ``None``.
+
+    RabbitMQ: ``destination`` is the exchange (``""`` for the default exchange)
+    and ``routing_key`` the key it was published with; partition/offset are ``None``.
+    """
+
+    message_id: str
+    destination: str
+    routing_key: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    timestamp: float | None = None
+
+
+class DeliveryFuture(Future[Delivery]):
+    """A :class:`concurrent.futures.Future` for one publish, also awaitable from asyncio.
+
+    It resolves with a :class:`Delivery` when the broker confirms the message
+    and fails with a :class:`~reliable_messaging.DeliveryError` subclass
+    otherwise. ``message_id`` is known at once, before the broker answers.
+
+    Works with :func:`concurrent.futures.wait` and ``as_completed``; inside a
+    coroutine ``await future`` suspends without blocking the event loop.
+    """
+
+    def __init__(self, message_id: str) -> None:
+        super().__init__()
+        self.message_id = message_id
+
+    def __await__(self) -> Generator[Any, None, Delivery]:
+        return asyncio.wrap_future(self).__await__()
+
+    def __repr__(self) -> str:
+        return f"<DeliveryFuture message_id={self.message_id} state={self._state}>"  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """A message delivered to a handler; the same shape for both brokers.
+
+    - ``body``: the raw bytes as stored by the broker.
+    - ``value``: ``body`` passed through the consumer's decoder (``body`` itself without one).
+    - ``message_id``: the producer-stamped id (Kafka header ``message-id``, AMQP ``message_id``).
+      A message from a producer that does not stamp one gets a position-derived id
+      (Kafka ``topic/partition/offset``; RabbitMQ has no stable position, so the id is ``""``).
+    - ``redelivered``: the broker says it may have been delivered before (RabbitMQ's
+      ``redelivered`` flag; Kafka: attempt > 1).
+    - ``attempt``: 1 for the first delivery, counted across requeues and retry queues/topics.
+    - ``source``: the topic or queue it was consumed from.
+
+    Broker-specific subclasses add positions (partition/offset, delivery tag, ...).
+    """
+
+    body: bytes
+    value: Any
+    message_id: str
+    key: bytes | None
+    headers: Mapping[str, HeaderValue] = field(default_factory=dict)
+    redelivered: bool = False
+    attempt: int = 1
+    source: str = ""
+
+    def header(self, name: str) -> str | None:
+        """A header as text (bytes decoded as UTF-8), or ``None`` if absent."""
+        value = self.headers.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            return value.decode("utf-8", errors="replace")
+        return str(value)
