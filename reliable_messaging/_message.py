@@ -110,7 +110,7 @@ class DeliveryFuture(Future[Delivery]):
         return asyncio.wrap_future(self).__await__()
 
     def __repr__(self) -> str:
-        return f"<DeliveryFuture message_id={self.message_id} state={self._state}>"  # type: ignore[attr-defined]
+        return f"<DeliveryFuture message_id={self.message_id} state={self._state}>"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -111,7 +111,7 @@ def test_kafka_sigkill_and_restart_keeps_acknowledged_message(
     node = kafka_endpoint.node(1)
     broker_faults.kill(node)
     assert not node.is_running()
-    with pytest.raises(Exception, match="(?i)transport|timed out"):
+    with pytest.raises(Exception, match=r"(?i)transport|timed out"):
         AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=3)
 
     broker_faults.start(node)

@@ -22,6 +22,7 @@ line naming the cause and the log file to read.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "CLUSTER_NODE_IDS",
@@ -494,8 +496,8 @@ def _kafka_ready(node: LocalNode, expected_brokers: int) -> bool:
         from confluent_kafka.admin import AdminClient
     except ImportError:  # readiness by port only, before the clients are installed
         return True
-    admin = AdminClient({"bootstrap.servers": node.address, "socket.timeout.ms": 2000, "log_level": 0,
-                         "logger": _SilentLogger()})
+    config: dict[str, Any] = {"bootstrap.servers": node.address, "socket.timeout.ms": 2000, "logger": _PROBE_LOGGER}
+    admin = AdminClient(config)
     try:
         metadata = admin.list_topics(timeout=2)
     except Exception:  # noqa: BLE001 - any failure of a readiness probe means "not ready yet"
@@ -503,11 +505,9 @@ def _kafka_ready(node: LocalNode, expected_brokers: int) -> bool:
     return len(metadata.brokers) >= expected_brokers
 
 
-class _SilentLogger:
-    """librdkafka logs connection refusals while a broker boots; readiness probes expect those."""
-
-    def log(self, *args: object) -> None:
-        del args
+_PROBE_LOGGER = logging.getLogger("reliable_messaging.testing.readiness")
+"""librdkafka logs every refused connection while a broker boots; readiness probes expect those, so they go
+to this logger (silent unless a user enables it) instead of stderr."""
 
 
 def _kafka_spawn(node: LocalNode) -> None:
@@ -630,7 +630,8 @@ def start_cluster(nodes: list[LocalNode], timeout: float = DEFAULT_READY_TIMEOUT
                 )
     for node in pending:
         (node.directory / "logs").mkdir(parents=True, exist_ok=True)
-        assert node._prepare is not None and node._spawn is not None
+        assert node._prepare is not None
+        assert node._spawn is not None
         node._prepare(node)
         node._spawn(node)
     ok = _wait(lambda: all(n.is_running() for n in nodes) and _kafka_ready(nodes[0], len(nodes)), deadline, 0.5)

@@ -11,6 +11,7 @@ enough for tests that publish tens of thousands of messages through it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -158,10 +159,8 @@ class TcpProxy:
             if (client, upstream) in self._pairs:
                 self._pairs.remove((client, upstream))
         for sock in (client, upstream):
-            try:
+            with contextlib.suppress(OSError):  # already closed or reset
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed or reset
             sock.close()
 
 
