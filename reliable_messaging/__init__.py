@@ -9,7 +9,7 @@ missing raises ImportError with the pip command that installs it.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._dedup._base import ClaimResult, DedupStore
 from ._errors import (
@@ -35,16 +35,18 @@ from ._errors import (
     is_transient,
 )
 from ._handling import ConsumerStats, Disposition, Outcome
+from ._kafka._names import EXPORTS as _KAFKA_EXPORTS
 from ._message import Delivery, DeliveryFuture, Message
+from ._rabbitmq._names import EXPORTS as _RABBITMQ_EXPORTS
 from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
 __version__ = "0.1.0"
 
-# Public names that live in optional backends: name -> private module.
-_LAZY: dict[str, str] = {}
-
-if TYPE_CHECKING:
-    pass
+# Public names that live in optional backends: name -> private module, imported on first use.
+_LAZY: dict[str, str] = {
+    **{name: "._kafka" for name in _KAFKA_EXPORTS},
+    **{name: "._rabbitmq" for name in _RABBITMQ_EXPORTS},
+}
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
@@ -79,6 +81,7 @@ __all__ = [
     "__version__",
     "is_transient",
 ]
+__all__ += [*_KAFKA_EXPORTS, *_RABBITMQ_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,8 @@
+"""Kafka adapter on confluent-kafka (librdkafka): producer, consumer, topology, error mapping."""
+
+try:
+    import confluent_kafka  # noqa: F401 - fail here, with the install command, not deep inside a call
+except ImportError as exc:  # pragma: no cover - exercised by the extras test in a subprocess
+    raise ImportError(
+        "the Kafka backend of reliable_messaging needs confluent-kafka: pip install 'reliable-messaging[kafka]'"
+    ) from exc
