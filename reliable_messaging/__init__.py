@@ -9,7 +9,6 @@ missing raises ImportError with the pip command that installs it.
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 from ._dedup._base import ClaimResult, DedupStore
 from ._errors import (
@@ -35,12 +34,19 @@ from ._errors import (
     is_transient,
 )
 from ._handling import ConsumerStats, Disposition, Outcome
-from ._kafka._names import EXPORTS as _KAFKA_EXPORTS
 from ._message import Delivery, DeliveryFuture, Message
-from ._rabbitmq._names import EXPORTS as _RABBITMQ_EXPORTS
 from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
 __version__ = "0.1.0"
+
+try:
+    from ._kafka._names import EXPORTS as _KAFKA_EXPORTS
+except ImportError:  # confluent-kafka missing: its names raise the pip hint when used
+    _KAFKA_EXPORTS = ()
+try:
+    from ._rabbitmq._names import EXPORTS as _RABBITMQ_EXPORTS
+except ImportError:  # pika missing
+    _RABBITMQ_EXPORTS = ()
 
 # Public names that live in optional backends: name -> private module, imported on first use.
 _LAZY: dict[str, str] = {
@@ -84,7 +90,7 @@ __all__ = [
 __all__ += [*_KAFKA_EXPORTS, *_RABBITMQ_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'reliable_messaging' has no attribute {name!r}")

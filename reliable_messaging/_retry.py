@@ -11,6 +11,7 @@ One policy object describes both kinds of retry the library does:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,9 @@ from ._errors import TRANSIENT_ERRORS, ConfigurationError
 __all__ = ["DEFAULT_RETRY_POLICY", "RetryPolicy"]
 
 logger = logging.getLogger("reliable_messaging.retry")
+
+# tenacity 9.2 renamed wait_exponential_jitter's `initial` to `multiplier` (the old name warns).
+_HAS_MULTIPLIER = "multiplier" in inspect.signature(tenacity.wait_exponential_jitter).parameters
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,8 +68,9 @@ class RetryPolicy:
 
     def wait_strategy(self) -> tenacity.wait.wait_base:
         """The tenacity wait strategy of this policy."""
+        base = {"multiplier" if _HAS_MULTIPLIER else "initial": self.initial_delay}
         return tenacity.wait_exponential_jitter(
-            initial=self.initial_delay, max=self.max_delay, exp_base=self.multiplier, jitter=self.jitter
+            max=self.max_delay, exp_base=self.multiplier, jitter=self.jitter, **base
         )
 
     def delay_for(self, attempt: int) -> float:
