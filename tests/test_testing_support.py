@@ -10,8 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from reliable_messaging.testing import FaultsUnsupported, KafkaEndpoint, RabbitMQEndpoint, TcpProxy
-from reliable_messaging.testing import _endpoints
+from reliable_messaging.testing import FaultsUnsupported, KafkaEndpoint, RabbitMQEndpoint, TcpProxy, _endpoints
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -42,6 +41,20 @@ def _roundtrip(sock: socket.socket, payload: bytes) -> bytes:
     return received
 
 
+def _broken(sock: socket.socket) -> bool:
+    """True once the connection is reset or closed by the far side (within 5 s); False if it still echoes."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(b"x")
+            if sock.recv(16) == b"":
+                return True
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_proxy_forwards_bytes_both_ways(echo_server: tuple[str, int]) -> None:
     with TcpProxy(*echo_server) as proxy, socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
         payload = bytes(range(256)) * 4096  # 1 MiB, more than one socket buffer
@@ -54,13 +67,7 @@ def test_cut_resets_live_connections(echo_server: tuple[str, int]) -> None:
         sock = socket.create_connection((proxy.host, proxy.port), timeout=5)
         assert _roundtrip(sock, b"ping") == b"ping"
         assert proxy.cut() == 1
-        with pytest.raises((ConnectionResetError, BrokenPipeError, TimeoutError)):
-            # Either the send or the read fails: the connection is gone (RST).
-            for _ in range(50):
-                sock.sendall(b"x" * 1024)
-                if not sock.recv(1024):
-                    raise ConnectionResetError("closed")
-                time.sleep(0.01)
+        assert _broken(sock)
         sock.close()
         assert proxy.live_connections == 0
         # A new connection works again.
@@ -72,11 +79,7 @@ def test_refuse_then_accept(echo_server: tuple[str, int]) -> None:
     with TcpProxy(*echo_server) as proxy:
         proxy.refuse()
         with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
-            sock.settimeout(5)
-            with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
-                sock.sendall(b"hello")
-                if sock.recv(16) == b"":
-                    raise ConnectionResetError("closed by the proxy")
+            assert _broken(sock)
         proxy.accept()
         with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
             assert _roundtrip(sock, b"hello") == b"hello"
