@@ -5,4 +5,19 @@ without importing pika. Keep sorted; every name must be importable from
 ``reliable_messaging._rabbitmq``.
 """
 
-EXPORTS: tuple[str, ...] = ()
+EXPORTS: tuple[str, ...] = (
+    "RabbitMQAckMode",
+    "RabbitMQBinding",
+    "RabbitMQConsumer",
+    "RabbitMQConsumerConfig",
+    "RabbitMQExchange",
+    "RabbitMQExchangeType",
+    "RabbitMQMessage",
+    "RabbitMQPublisher",
+    "RabbitMQPublisherConfig",
+    "RabbitMQPublisherStats",
+    "RabbitMQQueue",
+    "RabbitMQQueueType",
+    "RabbitMQRetryMode",
+    "RabbitMQTopology",
+)
