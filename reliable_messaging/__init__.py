@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from ._dedup._base import ClaimResult, DedupStore
+from ._dedup import ClaimResult, DedupStore, MemoryDedupStore, RedisDedupStore, SQLiteDedupStore
 from ._errors import (
     TRANSIENT_ERRORS,
     BrokerUnavailable,
@@ -71,16 +71,19 @@ __all__ = [
     "DeliveryTimeout",
     "Disposition",
     "InvalidMessage",
+    "MemoryDedupStore",
     "Message",
     "MessageTooLarge",
     "Nacked",
     "NotEnoughReplicas",
     "Outcome",
     "ProcessingSignal",
+    "RedisDedupStore",
     "Reject",
     "ReliableMessagingError",
     "Retry",
     "RetryPolicy",
+    "SQLiteDedupStore",
     "StoreUnavailable",
     "TopologyMismatch",
     "Unroutable",
