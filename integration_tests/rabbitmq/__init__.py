@@ -1,0 +1,1 @@
+"""Integration tests of the RabbitMQ adapter against a real broker (no mocks)."""
