@@ -115,7 +115,7 @@ class _Engine(IOThread):
         self.max_retry_tier = max(1, owner.retry.max_attempts - 1)
         self.stats: dict[str, int] = owner.runner.stats.extra
         for key in ("acks", "multiple_acks", "rejects", "requeues", "retry_copies", "retry_copy_failures",
-                    "stale_results", "channel_failures"):
+                    "stale_results", "channel_failures", "connections"):
             self.stats.setdefault(key, 0)
         # shared with the worker
         self.deliveries: queue_module.SimpleQueue[_Delivery | None] = queue_module.SimpleQueue()
@@ -196,6 +196,7 @@ class _Engine(IOThread):
         if not self._connection_ready:
             self._connection_ready = True
             self.mark_ready()
+            self.stats["connections"] = self.connections
 
     def _on_channel_closed(self, channel: pika.channel.Channel, reason: BaseException) -> None:
         if channel is not self._channel and channel is not self._retry_channel:
@@ -575,7 +576,7 @@ class RabbitMQConsumer:
                                timeout)
         if engine.alive:
             engine.request_close()
-            engine.join(max(1.0, deadline - time.monotonic()) + CLOSE_GRACE)
+        engine.join(max(1.0, deadline - time.monotonic()) + CLOSE_GRACE)  # also releases the I/O loop
         self.runner.close()
         self._done.set()
 

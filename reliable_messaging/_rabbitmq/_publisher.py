@@ -734,8 +734,8 @@ class RabbitMQPublisher:
             engine.request_close()
             if not engine.join(max(10.0, timeout)):
                 logger.warning("the publisher's I/O thread did not stop within %.0fs", max(10.0, timeout))
-        if not engine.alive:
-            engine.on_finished(None)  # fail anything a late publish() queued after the I/O thread ended
+        if engine.join(0.0):  # ended: release the I/O loop, fail anything queued after the thread ended
+            engine.on_finished(None)
 
     def __enter__(self) -> RabbitMQPublisher:
         return self
