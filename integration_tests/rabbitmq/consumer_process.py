@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from reliable_messaging import (  # noqa: E402 - after the path tweak, so the checkout is importable
+from reliable_messaging import (  # after the path tweak, so the checkout is importable
     RabbitMQAckMode,
     RabbitMQConsumer,
     RabbitMQConsumerConfig,

@@ -11,7 +11,8 @@ Reconnecting: the thread runs one connection until it closes, inside a tenacity
 :class:`BrokerUnavailable` is retried; configuration errors such as refused
 credentials or a topology mismatch are fatal). Tenacity's sleep is injected: it
 waits on the close event, so ``close()`` interrupts a backoff at once, and it
-keeps running the owner's periodic work (delivery deadlines) meanwhile. A
+keeps running the owner's periodic work (delivery deadlines) meanwhile; a sleep
+the caller injected into the policy (tests) is used instead. A
 connection that was fully set up and is then lost starts a fresh backoff: the
 first reconnect attempt is immediate, the following ones back off.
 """
@@ -257,7 +258,9 @@ class IOThread:
 
     def _main(self) -> None:
         error: ReliableMessagingError | None = None
-        policy = dataclasses.replace(self._reconnect, sleep=self._sleep)
+        policy = self._reconnect
+        if policy.sleep is time.sleep:  # a sleep injected into the policy (tests) is used as is
+            policy = dataclasses.replace(policy, sleep=self._sleep)
         self._ioloop.call_later(TICK_INTERVAL, self._tick)
         try:
             while not self._closing.is_set():

@@ -115,29 +115,30 @@ def check_short_string(what: str, value: object, *, allow_empty: bool = True) ->
     return value
 
 
-def _check_value(path: str, value: Any, depth: int) -> None:
+def _check_value(path: str, value: Any, depth: int) -> Any:
+    """``value`` as pika can encode it (tuples become lists), or InvalidMessage naming its path."""
     if depth > 32:
         raise InvalidMessage(f"header {path} nests deeper than 32 levels")
     if value is None or isinstance(value, str | bytes | bool | decimal.Decimal | datetime.datetime):
-        return
+        return value
     if isinstance(value, int):
         if not _INT64[0] <= value <= _INT64[1]:
             raise InvalidMessage(f"header {path}={value} does not fit AMQP's signed 64-bit integer")
-        return
+        return value
     if isinstance(value, float):
         raise InvalidMessage(
             f"header {path}={value!r}: pika cannot encode floats in AMQP field tables; "
             "send a str or a decimal.Decimal instead")
     if isinstance(value, Mapping):
+        table: dict[str, Any] = {}
         for key, item in value.items():
             if type(key) is not str:
                 raise InvalidMessage(f"header {path} has a non-str key {key!r}")
-            _check_value(f"{path}.{key}", item, depth + 1)
-        return
+            check_short_string(f"header {path} key {key[:40]!r}", key)
+            table[key] = _check_value(f"{path}.{key}", item, depth + 1)
+        return table
     if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _check_value(f"{path}[{index}]", item, depth + 1)
-        return
+        return [_check_value(f"{path}[{index}]", item, depth + 1) for index, item in enumerate(value)]
     raise InvalidMessage(
         f"header {path} has type {type(value).__name__}; AMQP headers carry str, bytes, bool, int, "
         "decimal.Decimal, datetime, None, and lists/dicts of those")
@@ -152,8 +153,7 @@ def check_headers(headers: object) -> dict[str, Any]:
         if type(key) is not str:
             raise InvalidMessage(f"header names must be str, got {key!r}")
         check_short_string(f"header name {key[:40]!r}", key)
-        _check_value(key, value, 0)
-        out[key] = list(value) if isinstance(value, tuple) else value
+        out[key] = _check_value(key, value, 0)
     return out
 
 
