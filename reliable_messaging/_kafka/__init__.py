@@ -6,3 +6,18 @@ except ImportError as exc:  # pragma: no cover - exercised by the extras test in
     raise ImportError(
         "the Kafka backend of reliable_messaging needs confluent-kafka: pip install 'reliable-messaging[kafka]'"
     ) from exc
+
+from ._config import Acks, CommitMode, KafkaConsumerConfig, KafkaProducerConfig
+from ._consumer import KafkaConsumer
+from ._message import KafkaMessage
+from ._producer import KafkaProducer
+
+__all__ = [
+    "Acks",
+    "CommitMode",
+    "KafkaConsumer",
+    "KafkaConsumerConfig",
+    "KafkaMessage",
+    "KafkaProducer",
+    "KafkaProducerConfig",
+]

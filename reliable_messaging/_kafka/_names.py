@@ -5,4 +5,12 @@ without importing confluent-kafka. Keep sorted; every name must be importable
 from ``reliable_messaging._kafka``.
 """
 
-EXPORTS: tuple[str, ...] = ()
+EXPORTS: tuple[str, ...] = (
+    "Acks",
+    "CommitMode",
+    "KafkaConsumer",
+    "KafkaConsumerConfig",
+    "KafkaMessage",
+    "KafkaProducer",
+    "KafkaProducerConfig",
+)

@@ -1,0 +1,729 @@
+"""KafkaConsumer: at-least-once processing with explicit commits, retry topics and a dead-letter topic.
+
+What the broker does, and what this consumer does about it:
+
+- Kafka keeps one committed offset per partition and group, meaning "every
+  record before this one is done". After a crash or a rebalance the next owner
+  of the partition starts there. So the consumer commits, per partition, only
+  the *contiguous processed prefix* (:mod:`._offsets`): a record is never
+  covered by a commit before its handler finished and its outcome (retry or
+  dead-letter publish) was acknowledged.
+- When the group coordinator takes partitions away (another member joined or
+  left), librdkafka calls ``on_revoke`` from inside ``consume()``, before the
+  partitions go to their new owner: the consumer commits its processed offsets
+  there, synchronously, so the new owner starts right after them.
+- A failed record is not retried in place (that would stall its partition): it
+  is republished to ``<topic>.retry.<n>`` with a due time and the attempt
+  number in its headers, and its offset counts as processed. The consumer also
+  reads the retry topics; a record whose due time has not come yet makes the
+  consumer pause that retry partition and seek back to it until then. When the
+  attempts are used up (or the handler raised Reject, or the record could not
+  be decoded) it goes to ``<topic>.DLT`` with headers naming its origin and the
+  error (see :mod:`._message`).
+
+Threading: one thread (``start()``'s, or ``run()``'s caller) owns the
+librdkafka consumer and runs the handler, so records of a partition are handled
+in order. ``stop()`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Message as RawMessage
+
+from .._dedup._base import DedupStore
+from .._errors import (
+    BrokerUnavailable,
+    ClosedError,
+    ConfigurationError,
+    DeliveryError,
+    InvalidMessage,
+    ReliableMessagingError,
+)
+from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
+from .._message import ATTEMPT_HEADER, MESSAGE_ID_HEADER
+from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from ._config import CommitMode, KafkaConsumerConfig, KafkaProducerConfig
+from ._errors import kafka_error_of, operation_error
+from ._message import (
+    DUE_HEADER,
+    ERROR_MESSAGE_HEADER,
+    ERROR_TYPE_HEADER,
+    FIRST_FAILURE_HEADER,
+    ORIGIN_OFFSET_HEADER,
+    ORIGIN_PARTITION_HEADER,
+    ORIGIN_TOPIC_HEADER,
+    REASON_HEADER,
+    KafkaMessage,
+)
+from ._offsets import OffsetTracker, TopicPartitionKey
+from ._producer import KafkaProducer
+from ._topology import TopicNames, create_topics, partition_counts
+
+__all__ = ["KafkaConsumer"]
+
+logger = logging.getLogger("reliable_messaging.kafka.consumer")
+
+_POLL_TIMEOUT = 0.2
+"""Seconds ``consume()`` waits for records: the longest ``stop()`` waits for an idle consumer."""
+
+_DUE_TOLERANCE_MS = 5
+"""A retry record due within this many milliseconds is processed now rather than paused for."""
+
+_REPUBLISH_BACKOFF = 1.0
+"""Seconds a partition stays paused after its record could not be republished (retry/DLT publish failed)."""
+
+_MAX_ERROR_TEXT = 4096
+"""Characters of an error message kept in the dead-letter headers."""
+
+_OWN_HEADERS = frozenset({
+    MESSAGE_ID_HEADER, ATTEMPT_HEADER, DUE_HEADER, ERROR_TYPE_HEADER, ERROR_MESSAGE_HEADER, REASON_HEADER,
+})
+"""Headers rewritten on every republish (the origin and first-failure headers are kept once set)."""
+
+_COMMIT_RETRY = RetryPolicy(max_attempts=4, initial_delay=0.2, max_delay=2.0, jitter=0.1)
+"""Synchronous commits retried on transient errors (coordinator moving, request timed out): a few
+seconds in all, the time a coordinator failover takes."""
+
+_SEEK_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.05, max_delay=0.5, jitter=0.0)
+"""seek() right after a rebalance can fail with _STATE until librdkafka starts fetching the partition."""
+
+_PRODUCER_SECURITY_PREFIXES = ("security.", "sasl.", "ssl.")
+
+_EMPTY: Mapping[str, Any] = types.MappingProxyType({})
+
+Handler = Callable[[KafkaMessage], Any]
+
+
+class KafkaConsumer:
+    """Consumes ``topics`` in group ``config.group_id`` and runs ``handler`` on every record.
+
+    The handler gets a :class:`KafkaMessage`. Returning normally acknowledges
+    the record; raising :class:`~reliable_messaging.Retry` or any exception
+    retries it per ``retry`` (through the retry topics, or in place with
+    ``retry_topics=False``), then dead-letters it; raising
+    :class:`~reliable_messaging.Reject` dead-letters it at once. ``async def``
+    handlers run on ``loop`` (or a private one).
+
+    Offsets are committed per ``config.commit_mode`` (:class:`CommitMode`), and
+    never past a record whose outcome is not settled.
+
+    Options:
+
+    - ``retry``: a :class:`RetryPolicy`; ``max_attempts`` counts every attempt.
+    - ``decoder``: bytes -> value for ``message.value``; a decoder error
+      dead-letters the record at once (no retry makes bad bytes good).
+    - ``dedup``/``dedup_key``: an idempotent consumer (skip ids already done).
+      Refused with ``CommitMode.AUTO``: auto-commit can mark a record done
+      before it was processed, and no dedup store can bring it back.
+    - ``retry_topics``: True (default) republishes failed records to
+      ``<topic>.retry.<n>``; False retries in place, holding the partition
+      (and every partition of this consumer) for the backoff delay.
+    - ``dead_letter_suffix``/``retry_suffix``: topic naming, see :mod:`._topology`.
+    - ``create_topics``: create the retry and dead-letter topics at start.
+    - ``producer``: the :class:`KafkaProducer` for retry/dead-letter records
+      (default: one of its own, ``acks=all`` with idempotence).
+
+    ``start()`` runs it on a background thread; ``run()`` on the caller's;
+    ``stop()`` finishes the current record, commits and leaves the group.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConsumerConfig,
+        topics: str | Sequence[str],
+        handler: Handler,
+        *,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        decoder: Callable[[bytes], Any] | None = None,
+        dedup: DedupStore | None = None,
+        dedup_key: Callable[[KafkaMessage], str] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        retry_topics: bool = True,
+        dead_letter_suffix: str = ".DLT",
+        retry_suffix: str = ".retry",
+        create_topics: bool = True,
+        producer: KafkaProducer | None = None,
+    ) -> None:
+        if not isinstance(config, KafkaConsumerConfig):
+            raise ConfigurationError(f"config must be a KafkaConsumerConfig, got {type(config).__name__}",
+                                     field="config")
+        names = (topics,) if isinstance(topics, str) else tuple(topics)
+        if not names or not all(isinstance(t, str) and t for t in names):
+            raise ConfigurationError(f"topics must be a topic name or a non-empty list of them, got {topics!r}",
+                                     field="topics")
+        if not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {type(retry).__name__}", field="retry")
+        if dedup is not None and not isinstance(dedup, DedupStore):
+            raise ConfigurationError(f"dedup must be a DedupStore or None, got {type(dedup).__name__}",
+                                     field="dedup")
+        self.config = config
+        self._mode = config.mode
+        if self._mode is CommitMode.AUTO and dedup is not None:
+            raise ConfigurationError(
+                "commit_mode='auto' cannot be combined with a dedup store: auto-commit may commit a record "
+                "before its handler ran, and deduplication cannot bring a skipped record back; use "
+                "'manual', 'manual_batch' or 'store_offsets'", field="dedup",
+            )
+        self._names = TopicNames(dead_letter_suffix=dead_letter_suffix, retry_suffix=retry_suffix)
+        self._retry_topics = bool(retry_topics)
+        self._create_topics = bool(create_topics)
+        self._runner: HandlerRunner[KafkaMessage] = HandlerRunner(
+            handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=dedup_key, loop=loop,
+        )
+        self.stats: ConsumerStats = self._runner.stats
+        self.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0})
+        self._levels = max(1, retry.max_attempts - 1)
+        self._topics = names
+        self._origin: dict[str, str] = {t: t for t in names}
+        if self._retry_topics:
+            for topic in names:
+                for level in range(1, self._levels + 1):
+                    self._origin[self._names.retry(topic, level)] = topic
+        self._subscription = list(self._origin)
+
+        conf = config.librdkafka()
+        conf["on_commit"] = self._on_commit
+        conf["error_cb"] = self._on_client_error
+        conf["logger"] = logging.getLogger("reliable_messaging.kafka.librdkafka")
+        try:
+            self._consumer = Consumer(conf)
+        except KafkaException as exc:
+            raise ConfigurationError(f"librdkafka refused the consumer configuration: {exc}") from exc
+        self._fetch = config.fetch_batch
+        self._commit_every = config.commit_every
+        self._half = max(1, config.commit_every // 2)
+        if self._mode is CommitMode.MANUAL_BATCH:
+            # Return to consume() (which serves commit callbacks) at least every half-batch.
+            self._fetch = min(self._fetch, self._half)
+
+        self._producer: KafkaProducer | None = producer
+        self._own_producer = producer is None
+        self._tracker = OffsetTracker()
+        self._paused: dict[TopicPartitionKey, float] = {}
+        self._assigned: set[TopicPartitionKey] = set()
+        self._assigned_lock = threading.Lock()
+        # MANUAL_BATCH bookkeeping (see _before_record/_after_record).
+        self._since_commit = 0
+        self._in_flight: dict[TopicPartitionKey, int] | None = None
+        self._in_flight_count = 0
+        self._last_commit = time.monotonic()
+
+        self._stop = threading.Event()
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._running = False
+        self._closed = False
+        self.failure: BaseException | None = None
+        """The error that ended the consumer's loop, if one did (also logged)."""
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> KafkaConsumer:
+        """Run the consumer on a background thread; returns self."""
+        self._claim_run()
+        self._thread = threading.Thread(target=self._run_safely, name=f"rm-kafka-consumer-{self.config.group_id}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> None:
+        """Run the consumer on the calling thread until :meth:`stop` or KeyboardInterrupt.
+
+        Either way it finishes the current record, commits and leaves the group
+        before returning. Re-raises the error that ended the loop, if any.
+        """
+        self._claim_run()
+        try:
+            self._loop()
+        except KeyboardInterrupt:
+            logger.info("consumer %s interrupted: committing and leaving the group", self.config.group_id)
+            self._stop.set()
+        finally:
+            self._shutdown()
+        if self.failure is not None:
+            raise self.failure
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Finish the current record, commit, leave the group; wait at most ``timeout`` seconds.
+
+        Returns True once the consumer is closed, False if it is still busy
+        (a handler running longer than ``timeout``): it then closes when that
+        handler returns. Idempotent; callable from any thread.
+        """
+        self._stop.set()
+        if not self._running and not self._closed:  # never started: just release the client
+            self._shutdown()
+            return True
+        if self._loop_thread is threading.current_thread():
+            return False  # called from the handler: the loop stops after this record
+        done = self._finished.wait(max(0.0, timeout))
+        if not done:
+            logger.warning("consumer %s still busy %.1fs after stop(): it closes when its handler returns",
+                           self.config.group_id, timeout)
+        return done
+
+    def __enter__(self) -> KafkaConsumer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._running and not self._finished.is_set()
+
+    def assignment(self) -> set[TopicPartitionKey]:
+        """The (topic, partition) pairs this consumer owns right now (retry topics included)."""
+        with self._assigned_lock:
+            return set(self._assigned)
+
+    def _claim_run(self) -> None:
+        if self._closed:
+            raise ClosedError("the consumer was stopped; create a new one")
+        if self._running:
+            raise ConfigurationError("the consumer is already running")
+        self._running = True
+
+    def _run_safely(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self._loop_thread = threading.current_thread()
+        try:
+            self._prepare_topics()
+            self._consumer.subscribe(self._subscription, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                     on_lost=self._on_lost)
+            consume = self._consumer.consume
+            stop = self._stop
+            while not stop.is_set():
+                timeout = self._resume_due()
+                if self._mode is CommitMode.MANUAL_BATCH:
+                    self._commit_on_time()
+                records = consume(self._fetch, timeout)
+                if records:
+                    self._handle_batch(records)
+        except Exception as exc:  # anything ending the loop is recorded, logged, and re-raised by run()
+            self.failure = exc
+            logger.error("consumer %s stopped by %s: %s", self.config.group_id, type(exc).__name__, exc)
+            logger.debug("consumer failure", exc_info=exc)
+
+    def _prepare_topics(self) -> None:
+        if not self._create_topics:
+            return
+        extra = {k: v for k, v in self.config.extra.items() if k.startswith(_PRODUCER_SECURITY_PREFIXES)}
+        try:
+            counts = partition_counts(self.config.bootstrap_servers, self._topics, extra=extra)
+            wanted: dict[str, int] = {}
+            for topic in self._topics:
+                partitions = counts.get(topic, -1)
+                wanted[self._names.dead_letter(topic)] = partitions
+                if self._retry_topics:
+                    for level in range(1, self._levels + 1):
+                        wanted[self._names.retry(topic, level)] = partitions
+            create_topics(self.config.bootstrap_servers, wanted, extra=extra)
+        except ReliableMessagingError as exc:
+            logger.warning("could not create retry/dead-letter topics (%s); relying on broker auto-creation", exc)
+            logger.debug("topic creation failure", exc_info=exc)
+
+    def _handle_batch(self, records: list[RawMessage]) -> None:
+        deferred: set[TopicPartitionKey] | None = None
+        stop = self._stop
+        for raw in records:
+            if stop.is_set():
+                return  # the rest is neither processed nor committed: the next owner reads it again
+            err = raw.error()
+            if err is not None:
+                self._on_fetch_error(err)
+                continue
+            tp = (raw.topic() or "", raw.partition() or 0)
+            if deferred is not None and tp in deferred:
+                continue  # its partition was rewound: these records come again
+            if not self._handle(raw, tp):
+                if deferred is None:
+                    deferred = set()
+                deferred.add(tp)
+
+    def _handle(self, raw: RawMessage, tp: TopicPartitionKey) -> bool:
+        """Process one record; False if its partition was rewound to it (it will be read again)."""
+        topic, partition = tp
+        offset = raw.offset() or 0
+        self._tracker.received(tp, offset)
+        raw_headers = raw.headers()
+        headers: Mapping[str, Any] = dict(raw_headers) if raw_headers else _EMPTY
+        origin = self._origin.get(topic, topic)
+        attempt = 1
+        if origin != topic:  # a retry topic
+            attempt = _int_header(headers, ATTEMPT_HEADER, 1)
+            due = _int_header(headers, DUE_HEADER, 0)
+            if due - time.time() * 1000 > _DUE_TOLERANCE_MS:
+                self._defer(tp, offset, due / 1000 - time.time(), "not due yet")
+                return False
+        mid = headers.get(MESSAGE_ID_HEADER)
+        if mid is None:
+            message_id = f"{topic}/{partition}/{offset}"
+        else:
+            message_id = mid.decode("utf-8", "replace") if isinstance(mid, bytes) else str(mid)
+        body = raw.value() or b""
+        value, outcome = self._runner.decode(body)
+        ts_type, ts = raw.timestamp()
+        message = KafkaMessage(
+            body=body, value=value, message_id=message_id, key=raw.key(), headers=headers,
+            redelivered=attempt > 1, attempt=attempt, source=origin,
+            topic=topic, partition=partition, offset=offset, timestamp=ts / 1000.0 if ts_type else None,
+        )
+        if self._in_flight is not None:
+            self._bound_uncommitted()
+        if outcome is None:
+            outcome = self._runner.invoke(message)
+            if outcome.disposition is Disposition.RETRY and not self._retry_topics:
+                outcome, message = self._retry_in_place(message, outcome)
+                if outcome is None:
+                    self._defer(tp, offset, 0.0, "stopping during an in-place retry")
+                    return False
+        if outcome.disposition is not Disposition.ACK and not self._settle(message, outcome):
+            self.stats.extra["republish_failures"] += 1
+            self._defer(tp, offset, _REPUBLISH_BACKOFF, "its retry/dead-letter publish failed")
+            return False
+        self._tracker.processed(tp, offset)
+        self._after_record(raw, tp)
+        return True
+
+    def _retry_in_place(self, message: KafkaMessage, outcome: Outcome) -> tuple[Outcome | None, KafkaMessage]:
+        """``retry_topics=False``: wait the backoff on this thread and run the handler again."""
+        first_failure = int(time.time() * 1000)
+        sleep = self._runner.retry.sleep
+        while outcome.disposition is Disposition.RETRY:
+            if sleep is time.sleep:  # the default: wait interruptibly, so stop() need not wait it out
+                if self._stop.wait(outcome.delay):
+                    return None, message
+            else:
+                sleep(outcome.delay)  # an injected sleep (tests)
+                if self._stop.is_set():
+                    return None, message
+            attempt = message.attempt + 1 if outcome.counts_attempt else message.attempt
+            headers = dict(message.headers)
+            headers.setdefault(FIRST_FAILURE_HEADER, str(first_failure).encode())
+            message = dataclasses.replace(message, attempt=attempt, redelivered=True, headers=headers)
+            outcome = self._runner.invoke(message)
+        return outcome, message
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def _settle(self, message: KafkaMessage, outcome: Outcome) -> bool:
+        """Republish a failed record to its retry or dead-letter topic; True once the broker has it."""
+        now_ms = int(time.time() * 1000)
+        out = {k: v for k, v in message.headers.items() if k not in _OWN_HEADERS}
+        out.setdefault(ORIGIN_TOPIC_HEADER, message.source)
+        out.setdefault(ORIGIN_PARTITION_HEADER, str(message.partition))
+        out.setdefault(ORIGIN_OFFSET_HEADER, str(message.offset))
+        out.setdefault(FIRST_FAILURE_HEADER, str(now_ms))
+        out[REASON_HEADER] = outcome.reason[:_MAX_ERROR_TEXT]
+        if outcome.error is not None:
+            error_type = type(outcome.error)
+            out[ERROR_TYPE_HEADER] = f"{error_type.__module__}.{error_type.__qualname__}"
+            out[ERROR_MESSAGE_HEADER] = str(outcome.error)[:_MAX_ERROR_TEXT]
+        if outcome.disposition is Disposition.RETRY:
+            attempt = message.attempt + 1 if outcome.counts_attempt else message.attempt
+            level = min(max(attempt - 1, 1), self._levels)
+            topic = self._names.retry(message.source, level)
+            out[ATTEMPT_HEADER] = str(attempt)
+            out[DUE_HEADER] = str(now_ms + round(outcome.delay * 1000))
+        else:
+            topic = self._names.dead_letter(message.source)
+            out[ATTEMPT_HEADER] = str(message.attempt)
+        return self._republish(topic, message, out)
+
+    def _republish(self, topic: str, message: KafkaMessage, headers: dict[str, Any]) -> bool:
+        producer = self._producer
+        if producer is None:
+            producer = self._producer = KafkaProducer(KafkaProducerConfig(
+                bootstrap_servers=self.config.bootstrap_servers,
+                client_id=f"{self.config.client_id}-republisher",
+                linger=0.0,
+                delivery_timeout=30.0,
+                extra={k: v for k, v in self.config.extra.items() if k.startswith(_PRODUCER_SECURITY_PREFIXES)},
+            ))
+        try:
+            future = producer.publish(topic, message.body, key=message.key, headers=headers,
+                                      message_id=message.message_id)
+            future.result(timeout=producer.config.delivery_timeout + 10.0)
+        except (DeliveryError, InvalidMessage, ClosedError, TimeoutError) as exc:
+            logger.warning("could not publish message %s to %s (%s: %s); %s[%d]@%d will be read again",
+                           message.message_id, topic, type(exc).__name__, exc, message.topic, message.partition,
+                           message.offset)
+            logger.debug("republish failure", exc_info=exc)
+            return False
+        return True
+
+    def _defer(self, tp: TopicPartitionKey, offset: int, seconds: float, why: str) -> None:
+        """Pause ``tp``, seek back to ``offset`` and resume after ``seconds``.
+
+        The broker keeps the record; librdkafka drops what it already fetched
+        after it. Nothing from ``offset`` on counts as processed.
+        """
+        self._tracker.rewind(tp, offset)
+        self.stats.extra["deferred"] += 1
+        target = TopicPartition(tp[0], tp[1], offset)
+        self._consumer.pause([TopicPartition(tp[0], tp[1])])
+        try:
+            for attempt in _SEEK_RETRY.retrying(retry_on=(BrokerUnavailable,), what=f"seek {tp[0]}[{tp[1]}]"):
+                with attempt:
+                    self._seek(target)
+        except ReliableMessagingError as exc:
+            # Without the seek, resuming would skip the record: stop rather than lose it.
+            raise ReliableMessagingError(f"cannot rewind {tp[0]}[{tp[1]}] to offset {offset}: {exc}") from exc
+        self._paused[tp] = time.monotonic() + max(0.0, seconds)
+        logger.debug("paused %s[%d] at offset %d for %.2fs: %s", tp[0], tp[1], offset, seconds, why)
+
+    def _seek(self, target: TopicPartition) -> None:
+        try:
+            self._consumer.seek(target)
+        except KafkaException as exc:
+            err = kafka_error_of(exc)
+            if err is not None and err.code() == KafkaError._STATE:
+                raise BrokerUnavailable(f"seek not possible yet: {err.str()}") from exc
+            raise operation_error("seek", exc) from exc
+
+    def _resume_due(self) -> float:
+        """Resume paused partitions whose time has come; returns how long consume() may block."""
+        if not self._paused:
+            return _POLL_TIMEOUT
+        now = time.monotonic()
+        due = [tp for tp, at in self._paused.items() if at <= now]
+        if due:
+            for tp in due:
+                del self._paused[tp]
+            self._consumer.resume([TopicPartition(t, p) for t, p in due])
+        if not self._paused:
+            return _POLL_TIMEOUT
+        return max(0.0, min(_POLL_TIMEOUT, min(self._paused.values()) - now))
+
+    # -- commits --------------------------------------------------------------------------------
+
+    def _after_record(self, raw: RawMessage, tp: TopicPartitionKey) -> None:
+        mode = self._mode
+        if mode is CommitMode.MANUAL_BATCH:
+            self._since_commit += 1
+            if self._in_flight is None and self._since_commit >= self._half:
+                self._commit_async()
+        elif mode is CommitMode.MANUAL:
+            self._commit_sync([tp], "after the record")
+        elif mode is CommitMode.STORE_OFFSETS:
+            position = self._tracker.position(tp)
+            if position is not None:
+                try:
+                    self._consumer.store_offsets(offsets=[TopicPartition(tp[0], tp[1], position)])
+                except KafkaException as exc:  # the partition was revoked meanwhile: its new owner reads it
+                    logger.warning("could not store offset %d for %s[%d]: %s", position, tp[0], tp[1], exc)
+        # AUTO: librdkafka stored the offset when it handed the record out.
+
+    def _bound_uncommitted(self) -> None:
+        """MANUAL_BATCH: never hold more than ``commit_every`` processed records without an acknowledged commit.
+
+        Commits go out asynchronously every half ``commit_every``; if the
+        previous one is still unanswered when the next record would exceed the
+        bound, commit synchronously first.
+        """
+        if self._in_flight_count + self._since_commit + 1 > self._commit_every:
+            self._commit_sync(None, "the previous commit is still unanswered")
+
+    def _commit_on_time(self) -> None:
+        if self._since_commit and self._in_flight is None and \
+                time.monotonic() - self._last_commit >= self.config.commit_interval:
+            self._commit_async()
+
+    def _commit_async(self) -> None:
+        positions = self._tracker.uncommitted()
+        self._last_commit = time.monotonic()
+        if not positions:
+            self._since_commit = 0
+            return
+        try:
+            self._consumer.commit(offsets=_offsets(positions), asynchronous=True)
+        except KafkaException as exc:
+            self.stats.extra["commit_failures"] += 1
+            logger.warning("asynchronous commit refused: %s", exc)
+            return
+        self._in_flight = positions
+        self._in_flight_count = self._since_commit
+        self._since_commit = 0
+
+    def _commit_sync(self, tps: Iterable[TopicPartitionKey] | None, why: str) -> bool:
+        """Commit the processed prefix of ``tps`` (all partitions if None) and wait for the broker."""
+        if self._mode is CommitMode.AUTO:
+            return self._commit_stored(why)
+        positions = self._tracker.uncommitted(tps)
+        if not positions:
+            if tps is None:
+                self._reset_batch_counters()
+            return True
+        try:
+            for attempt in _COMMIT_RETRY.retrying(retry_on=(BrokerUnavailable,), what="commit"):
+                with attempt:
+                    self._commit_offsets(positions)
+        except ReliableMessagingError as exc:
+            self.stats.extra["commit_failures"] += 1
+            logger.warning("commit (%s) failed: %s; those records may be processed again", why, exc)
+            logger.debug("commit failure", exc_info=exc)
+            return False
+        self._tracker.committed(positions)
+        self.stats.extra["commits"] += 1
+        if tps is None:
+            self._reset_batch_counters()
+        return True
+
+    def _commit_offsets(self, positions: dict[TopicPartitionKey, int]) -> None:
+        try:
+            results = self._consumer.commit(offsets=_offsets(positions), asynchronous=False)
+        except KafkaException as exc:
+            raise operation_error("commit", exc) from exc
+        failed = [r for r in results or () if r.error is not None]
+        if failed:
+            refused = KafkaException(failed[0].error)
+            raise operation_error(f"commit of {failed[0].topic}[{failed[0].partition}]", refused) from refused
+
+    def _commit_stored(self, why: str) -> bool:
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            err = kafka_error_of(exc)
+            if err is not None and err.code() == KafkaError._NO_OFFSET:
+                return True  # nothing stored since the last commit
+            logger.warning("commit of stored offsets (%s) failed: %s", why, exc)
+            return False
+        return True
+
+    def _reset_batch_counters(self) -> None:
+        self._since_commit = 0
+        self._in_flight = None
+        self._in_flight_count = 0
+        self._last_commit = time.monotonic()
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's commit callback (served inside consume()): settles the in-flight async commit."""
+        in_flight = self._in_flight
+        if err is not None:
+            if err.code() != KafkaError._NO_OFFSET:
+                self.stats.extra["commit_failures"] += 1
+                logger.warning("commit failed: %s: %s", err.name(), err.str())
+            if in_flight is not None:
+                # Its records are still uncommitted: count them toward the next commit.
+                self._since_commit += self._in_flight_count
+                self._in_flight = None
+                self._in_flight_count = 0
+            return
+        if in_flight is None:
+            return
+        acked = {(p.topic, p.partition): p.offset for p in partitions if p.error is None}
+        if all(acked.get(tp, -1) >= position for tp, position in in_flight.items()):
+            self._tracker.committed(in_flight)
+            self.stats.extra["commits"] += 1
+            self._in_flight = None
+            self._in_flight_count = 0
+
+    # -- rebalancing ----------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        self._tracker.forget(tps)
+        for tp in tps:
+            self._paused.pop(tp, None)
+        with self._assigned_lock:
+            self._assigned.update(tps)
+        logger.info("consumer %s assigned %s", self.config.group_id, _describe(tps))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions are taken away: commit what was processed before the new owner starts reading."""
+        tps = [(p.topic, p.partition) for p in partitions]
+        self._commit_sync(None, "partitions revoked")
+        self._drop(tps)
+        logger.info("consumer %s revoked %s", self.config.group_id, _describe(tps))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions were lost (session timed out): they may already have a new owner, so no commit."""
+        tps = [(p.topic, p.partition) for p in partitions]
+        self._drop(tps)
+        logger.warning("consumer %s lost %s (session timeout or fenced): uncommitted records will be "
+                       "processed again by their new owner", self.config.group_id, _describe(tps))
+
+    def _drop(self, tps: list[TopicPartitionKey]) -> None:
+        self._tracker.forget(tps)
+        for tp in tps:
+            self._paused.pop(tp, None)
+        if self._in_flight is not None:
+            for tp in tps:
+                self._in_flight.pop(tp, None)
+        with self._assigned_lock:
+            self._assigned.difference_update(tps)
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def _on_fetch_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            raise ReliableMessagingError(f"fatal consumer error {err.name()}: {err.str()}")
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        logger.warning("consumer %s: %s: %s", self.config.group_id, err.name(), err.str())
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        logger.warning("consumer %s: %s: %s", self.config.group_id, err.name(), err.str())
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._running:
+                self._commit_sync(None, "closing")
+            self._consumer.close()  # leaves the group; librdkafka runs on_revoke (nothing left to commit)
+        except KafkaException as exc:
+            logger.warning("closing consumer %s: %s", self.config.group_id, exc)
+            logger.debug("close failure", exc_info=exc)
+        finally:
+            if self._own_producer and self._producer is not None:
+                self._producer.close()
+            self._runner.close()
+            self._finished.set()
+            logger.info("consumer %s closed (%s)", self.config.group_id, self.stats)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else ("closed" if self._closed else "new")
+        return (f"<KafkaConsumer group={self.config.group_id!r} topics={list(self._topics)!r} "
+                f"mode={self._mode.value} {state}>")
+
+
+def _offsets(positions: Mapping[TopicPartitionKey, int]) -> list[TopicPartition]:
+    return [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
+
+
+def _int_header(headers: Mapping[str, Any], name: str, default: int) -> int:
+    value = headers.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        logger.warning("ignoring malformed %s header %r", name, value)
+        return default
+
+
+def _describe(tps: Sequence[TopicPartitionKey]) -> str:
+    return ", ".join(f"{t}[{p}]" for t, p in tps) or "nothing"
