@@ -294,3 +294,24 @@ def test_unreachable_broker_is_broker_unavailable_in_bounded_time(connection_nam
     with pytest.raises(BrokerUnavailable):
         RabbitMQPublisher(config)
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(60)
+def test_a_full_buffer_slows_the_caller_down_instead_of_growing(
+    rabbitmq_proxy: ProxiedEndpoint, admin: Admin, queue_name: str, connection_name: str
+) -> None:
+    topology = RabbitMQTopology(queues=(RabbitMQQueue(name=queue_name),))
+    admin.cleanup(topology)
+    config = _config(rabbitmq_proxy.address, connection_name, max_buffered=5, delivery_timeout=1.0)
+    with RabbitMQPublisher(config, topology=topology) as publisher:
+        rabbitmq_proxy.proxy.refuse()
+        rabbitmq_proxy.proxy.cut()
+        time.sleep(0.3)  # let the I/O thread see the reset: publishes now wait in the buffer, not on the wire
+        waiting = [publisher.publish("", queue_name, b"queued") for _ in range(5)]
+        started = time.monotonic()
+        sixth = publisher.publish("", queue_name, b"one too many")
+        blocked_for = time.monotonic() - started
+        assert blocked_for > 0.8, "publish() must block while max_buffered publishes are waiting"
+        assert isinstance(sixth.exception(timeout=10), DeliveryTimeout)
+        assert all(isinstance(f.exception(timeout=10), DeliveryTimeout) for f in waiting)

@@ -88,7 +88,8 @@ class RabbitMQRetryMode(str, enum.Enum):
     REQUEUE = "requeue"
     """``basic.nack(requeue=True)`` after the policy's delay (the message stays unacknowledged,
     holding a prefetch slot, meanwhile). The attempt count comes from ``x-delivery-count``, which
-    only quorum queues keep: on a classic queue the attempts of a poison message cannot be counted."""
+    only quorum queues keep: on a classic queue the attempts of a poison message cannot be counted.
+    Every return counts there, including a dedup bounce (another consumer holds the claim)."""
 
 
 def _check_url(url: object) -> str:

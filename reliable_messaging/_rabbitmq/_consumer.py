@@ -274,9 +274,10 @@ class _Engine(IOThread):
         self._flush_acks()
 
     def _flush_acks(self) -> None:
+        """Acknowledge what is ready: the settled-or-ready prefix of deliveries with one multiple=True ack."""
         ready = self._ack_ready
         channel = self._channel
-        if not ready or channel is None or not channel.is_open:
+        if channel is None or not channel.is_open:
             return
         delivered, settled = self._delivered, self._settled
         highest = 0
@@ -304,11 +305,6 @@ class _Engine(IOThread):
             self.stats["acks"] += 1
         ready.clear()
 
-    def _settle_one(self, tag: int) -> None:
-        self._settled.add(tag)
-        if self._delivered and self._delivered[0] == tag:
-            self._flush_acks()
-
     def _requeue_later(self, tag: int, delay: float, gen: int) -> None:
         if delay <= 0 or self.closing:
             self._nack_requeue(gen, tag)
@@ -324,15 +320,7 @@ class _Engine(IOThread):
         channel.basic_nack(tag, requeue=True)
         self.stats["requeues"] += 1
         self._settled.add(tag)
-        self._flush_acks_or_trim()
-
-    def _flush_acks_or_trim(self) -> None:
-        if self._ack_ready:
-            self._flush_acks()
-            return
-        delivered, settled = self._delivered, self._settled
-        while delivered and delivered[0] in settled:
-            settled.discard(delivered.popleft())
+        self._flush_acks()
 
     # -- retry copies (DELAYED mode) --------------------------------------------------------------------
 
@@ -496,6 +484,9 @@ class RabbitMQConsumer:
                 f"retry_mode=REQUEUE needs a quorum queue: it counts attempts with x-delivery-count, which classic "
                 f"queue {queue!r} does not keep (a poison message would loop forever); use retry_mode=DELAYED",
                 field="retry_mode")
+        if declared is not None and declared.dead_letter_exchange is None and not auto:
+            logger.warning("queue %r is declared without a dead-letter exchange: messages this consumer dead-letters "
+                           "(basic.reject requeue=False) are discarded by the broker", queue)
         self.config = config
         self.queue = queue
         self.retry = retry
