@@ -109,6 +109,29 @@ def test_sigkilled_manual_ack_consumer_gets_its_unacked_messages_redelivered(
 
 
 @pytest.mark.timeout(90)
+def test_ctrl_c_stops_gracefully_finishing_and_acking_the_current_message(
+    rabbitmq_endpoint: RabbitMQEndpoint, admin: Admin, queue_name: str, tmp_path: Path,
+    processes: list[ConsumerProcess],
+) -> None:
+    topology = RabbitMQTopology(queues=(RabbitMQQueue(name=queue_name),))
+    admin.declare(topology)
+    admin.cleanup(queues=_retry_queues(queue_name))
+    ids = [f"m-{i:02d}" for i in range(20)]
+    admin.publish("", queue_name, [i.encode() for i in ids], message_ids=ids)
+    proc = ConsumerProcess(rabbitmq_endpoint.url, queue_name, tmp_path / "handled.log", ack_mode="manual",
+                           prefetch=5, sleep=1.5)
+    processes.append(proc)
+    proc.wait_for_lines(1, 30)
+    proc.proc.send_signal(signal.SIGINT)  # run() turns Ctrl-C into stop()
+    assert proc.proc.wait(timeout=20) == 0
+    handled = [line[0] for line in proc.lines()]
+    assert handled == ["m-00"], "stop() lets the current message finish and takes no new one"
+    # The finished message was acknowledged before the channel closed; the prefetched ones went back.
+    got = admin.drain(queue_name)
+    assert sorted(g.message_id or "" for g in got) == ids[1:]
+
+
+@pytest.mark.timeout(90)
 def test_sigkilled_auto_ack_consumer_loses_its_prefetched_messages(
     rabbitmq_endpoint: RabbitMQEndpoint, admin: Admin, queue_name: str, tmp_path: Path,
     processes: list[ConsumerProcess],
