@@ -180,8 +180,7 @@ class KafkaConsumer:
         self._runner: HandlerRunner[KafkaMessage] = HandlerRunner(
             handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=dedup_key, loop=loop,
         )
-        self.stats: ConsumerStats = self._runner.stats
-        self.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0})
+        self._runner.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0})
         self._levels = max(1, retry.max_attempts - 1)
         self._topics = names
         self._origin: dict[str, str] = {t: t for t in names}
@@ -224,8 +223,8 @@ class KafkaConsumer:
         self._loop_thread: threading.Thread | None = None
         self._running = False
         self._closed = False
-        self.failure: BaseException | None = None
-        """The error that ended the consumer's loop, if one did (also logged)."""
+        self.error: Exception | None = None
+        """Why the consumer stopped on its own, if it did (also logged; ``run()`` raises it)."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -251,33 +250,38 @@ class KafkaConsumer:
             self._stop.set()
         finally:
             self._shutdown()
-        if self.failure is not None:
-            raise self.failure
+        if self.error is not None:
+            raise self.error
 
-    def stop(self, timeout: float = 30.0) -> bool:
+    def stop(self, timeout: float = 30.0) -> None:
         """Finish the current record, commit, leave the group; wait at most ``timeout`` seconds.
 
-        Returns True once the consumer is closed, False if it is still busy
-        (a handler running longer than ``timeout``): it then closes when that
-        handler returns. Idempotent; callable from any thread.
+        A handler still running after ``timeout`` is not interrupted: the
+        consumer closes (and commits) when it returns; a WARNING says so.
+        Records fetched but not started are not committed: the partition's next
+        owner reads them. Idempotent; callable from any thread, including the handler.
         """
         self._stop.set()
         if not self._running and not self._closed:  # never started: just release the client
             self._shutdown()
-            return True
+            return
         if self._loop_thread is threading.current_thread():
-            return False  # called from the handler: the loop stops after this record
-        done = self._finished.wait(max(0.0, timeout))
-        if not done:
+            return  # called from the handler: the loop stops after this record
+        if not self._finished.wait(max(0.0, timeout)):
             logger.warning("consumer %s still busy %.1fs after stop(): it closes when its handler returns",
                            self.config.group_id, timeout)
-        return done
 
     def __enter__(self) -> KafkaConsumer:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    @property
+    def stats(self) -> ConsumerStats:
+        """Counters. ``extra`` holds the Kafka ones: commits, commit_failures, deferred (partition
+        rewinds: retry records not yet due, failed republishes), republish_failures."""
+        return self._runner.stats
 
     @property
     def running(self) -> bool:
@@ -319,7 +323,7 @@ class KafkaConsumer:
                 if records:
                     self._handle_batch(records)
         except Exception as exc:  # anything ending the loop is recorded, logged, and re-raised by run()
-            self.failure = exc
+            self.error = exc
             logger.error("consumer %s stopped by %s: %s", self.config.group_id, type(exc).__name__, exc)
             logger.debug("consumer failure", exc_info=exc)
 

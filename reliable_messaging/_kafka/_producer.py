@@ -245,7 +245,7 @@ class KafkaProducer:
                 logger.error("%d messages still without a delivery report after purge", remaining)
 
     def __len__(self) -> int:
-        """Messages queued or in flight, i.e. futures not yet resolved."""
+        """librdkafka's count of messages queued or in flight, plus events (reports, errors) not yet served."""
         return len(self._producer)
 
     @property
