@@ -231,6 +231,7 @@ class _Engine(IOThread):
         text = getattr(reason, "reply_text", str(reason))
         logger.warning("RabbitMQ closed the publishing channel: %s %s; republishing %d unconfirmed message(s) "
                        "on a new channel", code, text, len(self._inflight))
+        logger.debug("publishing channel close detail", exc_info=reason)
         self._requeue_inflight(channel_error=(code, text))
         self._open_channel(connection)
 
