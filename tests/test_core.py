@@ -74,7 +74,7 @@ def test_coerce_body_rejects_other_types_with_a_typed_error(body: object) -> Non
         coerce_body(body)
 
 
-def test_message_ids_are_unique_128_bit_hex() -> None:
+def test_message_ids_are_unique_32_hex_chars() -> None:
     ids = {new_message_id() for _ in range(10_000)}
     assert len(ids) == 10_000
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in list(ids)[:10])
@@ -319,3 +319,25 @@ def test_custom_dedup_key() -> None:
 def test_handler_must_be_callable() -> None:
     with pytest.raises(TypeError, match="handler must be callable"):
         HandlerRunner("not callable", retry=NO_SLEEP)  # type: ignore[arg-type]
+
+
+def test_message_ids_stay_unique_across_threads_and_forks() -> None:
+    import os
+
+    seen: list[str] = []
+    threads = [threading.Thread(target=lambda: seen.extend(new_message_id() for _ in range(5000))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == 20_000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: its ids must not repeat the parent's next ones
+        os.write(write, new_message_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = os.read(read, 64).decode()
+    parent_next = new_message_id()
+    assert child_id != parent_next
+    assert child_id[:16] != parent_next[:16]
