@@ -45,6 +45,8 @@ class _Store(DedupStore):
     ({"max_buffered": 0}, "max_buffered", ">= 1"),
     ({"persistent": "yes"}, "persistent", "True or False"),
     ({"mandatory": 1}, "mandatory", "True or False"),
+    ({"confirms": "no"}, "confirms", "True or False"),
+    ({"confirms": False}, "mandatory", "mandatory=True needs confirms=True"),
     ({"heartbeat": 70000}, "heartbeat", "0..65535"),
     ({"connect_timeout": 0}, "connect_timeout", "> 0"),
     ({"reconnect": 3}, "reconnect", "RetryPolicy"),

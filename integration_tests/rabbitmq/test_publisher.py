@@ -315,3 +315,33 @@ def test_a_full_buffer_slows_the_caller_down_instead_of_growing(
         assert blocked_for > 0.8, "publish() must block while max_buffered publishes are waiting"
         assert isinstance(sixth.exception(timeout=10), DeliveryTimeout)
         assert all(isinstance(f.exception(timeout=10), DeliveryTimeout) for f in waiting)
+
+
+@pytest.mark.timeout(60)
+def test_without_confirms_futures_resolve_unacknowledged_and_a_dropped_message_goes_unnoticed(
+    rabbitmq_endpoint: RabbitMQEndpoint, admin: Admin, queue_name: str, connection_name: str
+) -> None:
+    """At-most-once (confirms=False): a future only says the frame reached the socket.
+
+    The same unroutable publish that fails with Unroutable under confirms + mandatory
+    "succeeds" here while the broker drops it: that is what giving up confirms costs.
+    """
+    exchange = f"{queue_name}.x"
+    topology = RabbitMQTopology(
+        exchanges=(RabbitMQExchange(name=exchange, type=RabbitMQExchangeType.DIRECT),),
+        queues=(RabbitMQQueue(name=queue_name),),
+        bindings=(RabbitMQBinding(queue=queue_name, exchange=exchange, routing_key="routed"),),
+    )
+    admin.cleanup(topology)
+    config = _config(rabbitmq_endpoint.url, connection_name, confirms=False, mandatory=False)
+    with RabbitMQPublisher(config, topology=topology) as publisher:
+        routed = [publisher.publish(exchange, "routed", f"{i}".encode()) for i in range(500)]
+        dropped = publisher.publish(exchange, "nowhere", b"no queue is bound for this")
+        for future in [*routed, dropped]:
+            assert isinstance(future.result(timeout=10), Delivery)
+        with pytest.raises(InvalidMessage, match="mandatory=True needs a publisher with confirms=True"):
+            publisher.publish(exchange, "routed", b"x", mandatory=True)
+        stats = publisher.stats
+        assert (stats.unconfirmed, stats.confirmed, stats.returned) == (501, 0, 0)
+    wait_for(lambda: admin.count(queue_name) == 500, 10, "the routed messages to arrive")
+    assert [g.body for g in admin.drain(queue_name)] == [f"{i}".encode() for i in range(500)]

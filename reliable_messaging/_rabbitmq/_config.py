@@ -148,11 +148,16 @@ class RabbitMQPublisherConfig:
       ``delivery_timeout``) while the buffer is full, so a caller faster than the broker slows down
       instead of exhausting memory.
     - ``persistent``/``mandatory``: defaults for each publish (delivery mode 2; basic.return on no route).
+    - ``confirms``: ``confirm.select`` on the channel (default). ``False`` is at-most-once: a future
+      resolves once the frame is handed to the socket, and a message the broker drops, or that a
+      connection loss swallows, is not reported. ``mandatory`` needs confirms: the broker's
+      basic.return is reported through the publish's future, which without confirms has resolved.
     - ``reconnect``: backoff between connection attempts during one outage (tenacity).
     """
 
     url: str = DEFAULT_URL
     connection_name: str | None = None
+    confirms: bool = True
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     delivery_timeout: float = DEFAULT_DELIVERY_TIMEOUT
     blocked_timeout: float = DEFAULT_BLOCKED_TIMEOUT
@@ -171,10 +176,15 @@ class RabbitMQPublisherConfig:
         _positive_int(owner, "max_buffered", self.max_buffered)
         _positive_number(owner, "delivery_timeout", self.delivery_timeout)
         _positive_number(owner, "blocked_timeout", self.blocked_timeout)
-        for name in ("persistent", "mandatory"):
+        for name in ("confirms", "persistent", "mandatory"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(f"{owner}.{name} must be True or False, got {getattr(self, name)!r}",
                                          field=name)
+        if self.mandatory and not self.confirms:
+            raise ConfigurationError(
+                f"{owner}.mandatory=True needs confirms=True: an unroutable message is reported through its "
+                "future, and without confirms the future resolves before the broker could answer",
+                field="mandatory")
         if self.app_id is not None and (not isinstance(self.app_id, str) or len(self.app_id.encode()) > 255):
             raise ConfigurationError(f"{owner}.app_id must be a str of at most 255 bytes or None, got "
                                      f"{self.app_id!r}", field="app_id")

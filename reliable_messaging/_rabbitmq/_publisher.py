@@ -92,6 +92,8 @@ class RabbitMQPublisherStats:
     """publish() calls accepted."""
     confirmed: int = 0
     """Futures resolved by basic.ack."""
+    unconfirmed: int = 0
+    """Futures resolved without confirms (``confirms=False``): handed to the socket, not acknowledged."""
     nacked: int = 0
     """Futures failed by basic.nack."""
     returned: int = 0
@@ -168,6 +170,7 @@ class _Engine(IOThread):
         self._flush_waiters: list[threading.Event] = []
         self._window = config.max_in_flight
         self._blocked_timeout = config.blocked_timeout
+        self._confirms = config.confirms
 
     # -- connection and channel setup ---------------------------------------------------------------
 
@@ -200,9 +203,12 @@ class _Engine(IOThread):
         start(channel, lambda _frame: self._declare(channel, steps, index + 1))
 
     def _confirm_select(self, channel: Any) -> None:
+        if not self._confirms:
+            self._on_confirm_ok(None)
+            return
         channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_ok)
 
-    def _on_confirm_ok(self, _frame: pika.frame.Method) -> None:
+    def _on_confirm_ok(self, _frame: pika.frame.Method | None) -> None:
         self._next_tag = 0
         self._channel_ready = True
         if not self._connection_ready:
@@ -346,6 +352,13 @@ class _Engine(IOThread):
                 self._fail(p, _as_delivery_error(map_pika_error(exc, what="encoding a publish")
                                                  if isinstance(exc, pika.exceptions.AMQPError)
                                                  else InvalidMessage(f"cannot encode the message: {exc}"), p))
+                continue
+            if not self._confirms:
+                # At-most-once: handed to the socket is all that is known; nothing to wait for.
+                p.done = True
+                p.sent = True
+                stats.unconfirmed += 1
+                p.future.set_result(Delivery(p.future.message_id, p.exchange, p.routing_key))
                 continue
             tag += 1
             inflight[tag] = p
@@ -678,6 +691,9 @@ class RabbitMQPublisher:
             mandatory = self._mandatory
         elif not isinstance(mandatory, bool):
             raise InvalidMessage(f"mandatory must be True, False or None, got {mandatory!r}")
+        elif mandatory and not self.config.confirms:
+            raise InvalidMessage("mandatory=True needs a publisher with confirms=True (a basic.return is "
+                                 "reported through the future, which without confirms has already resolved)")
         expiration_ms: str | None = None
         if (content_type is not None or content_encoding is not None or correlation_id is not None
                 or reply_to is not None or expiration is not None or priority is not None):
