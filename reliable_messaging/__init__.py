@@ -33,6 +33,7 @@ from ._errors import (
     Unroutable,
     is_transient,
 )
+from ._facade import DEFAULT_DEDUP_PATH, Broker, Consumer, Guarantee, connect
 from ._handling import ConsumerStats, Disposition, Outcome
 from ._message import Delivery, DeliveryFuture, Message
 from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
@@ -55,12 +56,15 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "DEFAULT_DEDUP_PATH",
     "DEFAULT_RETRY_POLICY",
     "TRANSIENT_ERRORS",
+    "Broker",
     "BrokerUnavailable",
     "ClaimResult",
     "ClosedError",
     "ConfigurationError",
+    "Consumer",
     "ConsumerCancelled",
     "ConsumerStats",
     "DedupStore",
@@ -70,6 +74,7 @@ __all__ = [
     "DeliveryFuture",
     "DeliveryTimeout",
     "Disposition",
+    "Guarantee",
     "InvalidMessage",
     "MemoryDedupStore",
     "Message",
@@ -88,6 +93,7 @@ __all__ = [
     "TopologyMismatch",
     "Unroutable",
     "__version__",
+    "connect",
     "is_transient",
 ]
 __all__ += [*_KAFKA_EXPORTS, *_RABBITMQ_EXPORTS]
