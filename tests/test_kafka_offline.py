@@ -110,7 +110,7 @@ def test_undeliverable_message_fails_with_delivery_timeout() -> None:
     with KafkaProducer(KafkaProducerConfig(bootstrap_servers=NOWHERE, delivery_timeout=0.5)) as producer:
         future = producer.publish("t", b"x")
         began = time.monotonic()
-        with pytest.raises(DeliveryTimeout, match="delivery.timeout.ms") as info:
+        with pytest.raises(DeliveryTimeout, match=r"delivery\.timeout\.ms") as info:
             future.result(timeout=15)
         assert time.monotonic() - began < 15
         assert info.value.message_id == future.message_id
@@ -134,7 +134,7 @@ def test_full_local_queue_waits_then_fails_the_future() -> None:
     second = producer.publish("t", b"no room")
     assert time.monotonic() - began < 5
     assert sleeps, "the injected sleep was used between attempts"
-    with pytest.raises(DeliveryTimeout, match="local queue stayed full for 0.3s"):
+    with pytest.raises(DeliveryTimeout, match=r"local queue stayed full for 0\.3s"):
         second.result(timeout=0)
     assert not first.done()
     producer.close(timeout=0)

@@ -210,6 +210,7 @@ class KafkaConsumer:
         self._tracker = OffsetTracker()
         self._paused: dict[TopicPartitionKey, float] = {}
         self._assigned: set[TopicPartitionKey] = set()
+        self._rebalanced = False
         self._assigned_lock = threading.Lock()
         # MANUAL_BATCH bookkeeping (see _before_record/_after_record).
         self._since_commit = 0
@@ -320,6 +321,11 @@ class KafkaConsumer:
                 if self._mode is CommitMode.MANUAL_BATCH:
                     self._commit_on_time()
                 records = consume(self._fetch, timeout)
+                if self._rebalanced:
+                    # A rebalance was served inside this consume(): drop records of partitions this
+                    # consumer no longer owns (their new owner reads them from the committed offset).
+                    self._rebalanced = False
+                    records = [r for r in records if (r.topic(), r.partition()) in self._assigned]
                 if records:
                     self._handle_batch(records)
         except Exception as exc:  # anything ending the loop is recorded, logged, and re-raised by run()
@@ -650,6 +656,7 @@ class KafkaConsumer:
             self._paused.pop(tp, None)
         with self._assigned_lock:
             self._assigned.update(tps)
+        self._rebalanced = True
         logger.info("consumer %s assigned %s", self.config.group_id, _describe(tps))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -675,6 +682,7 @@ class KafkaConsumer:
                 self._in_flight.pop(tp, None)
         with self._assigned_lock:
             self._assigned.difference_update(tps)
+        self._rebalanced = True
 
     # -- errors ---------------------------------------------------------------------------------
 
