@@ -1,0 +1,115 @@
+"""connect(): URL schemes, guarantee presets, overrides and refused combinations — all before any connection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import reliable_messaging as rm
+from reliable_messaging import ConfigurationError, Guarantee, MemoryDedupStore, SQLiteDedupStore, connect
+
+KAFKA = "kafka://127.0.0.1:1,127.0.0.1:2"  # nothing listens there: connect() must not connect
+AMQP = "amqp://user:secret@127.0.0.1:1/%2F"
+
+
+@pytest.mark.parametrize("url", ["http://x", "kafka:/x", "", "redis://localhost:6379", "kafka://", "kafka://host"])
+def test_bad_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        connect(url)
+    assert info.value.field == "url"
+
+
+def test_unknown_guarantee_names_the_allowed_values() -> None:
+    with pytest.raises(ConfigurationError, match="at-most-once, at-least-once, effectively-once"):
+        connect(KAFKA, guarantee="exactly-once")
+
+
+def test_kafka_presets_set_every_knob() -> None:
+    with connect(KAFKA, guarantee="at-most-once") as broker:
+        assert "acks=0 idempotence=off commit=auto dedup=off" in repr(broker)
+    with connect(KAFKA) as broker:
+        assert broker.guarantee is Guarantee.AT_LEAST_ONCE
+        assert "acks=all idempotence=on commit=manual_batch dedup=off" in repr(broker)
+
+
+def test_rabbitmq_presets_set_every_knob_and_hide_the_password() -> None:
+    with connect(AMQP, guarantee=Guarantee.AT_MOST_ONCE) as broker:
+        text = repr(broker)
+        assert "confirms=off mandatory=off persistent=off ack=auto dedup=off" in text
+    with connect(AMQP) as broker:
+        text = repr(broker)
+        assert "confirms=on mandatory=on persistent=on ack=manual dedup=off" in text
+    assert "secret" not in text and "user:***@" in text
+
+
+def test_effectively_once_opens_sqlite_and_closes_it(tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    broker = connect(KAFKA, guarantee="effectively-once", dedup_path=path)
+    assert isinstance(broker.dedup, SQLiteDedupStore)
+    assert "dedup=SQLiteDedupStore" in repr(broker)
+    broker.close()
+    assert path.exists()
+    with pytest.raises(rm.ClosedError):
+        broker.dedup.claim("k")
+
+
+def test_a_given_store_is_used_and_not_closed() -> None:
+    store = MemoryDedupStore()
+    with connect(AMQP, guarantee="effectively-once", dedup=store) as broker:
+        assert broker.dedup is store
+    assert store.claim("still-open") is rm.ClaimResult.ACQUIRED
+
+
+def test_knobs_stay_overridable() -> None:
+    with connect(KAFKA, acks=1, commit_mode="manual", linger=0.0) as broker:
+        assert "acks=1 idempotence=off commit=manual" in repr(broker)
+    with connect(AMQP, persistent=False, prefetch=7, queue_type="quorum") as broker:
+        assert "persistent=off" in repr(broker)
+
+
+@pytest.mark.parametrize(("url", "kwargs", "field"), [
+    (KAFKA, {"acks": 1, "enable_idempotence": True}, None),  # idempotence needs acks=all
+    (KAFKA, {"guarantee": "at-most-once", "dedup": MemoryDedupStore()}, "commit_mode"),
+    (AMQP, {"guarantee": "at-most-once", "dedup": MemoryDedupStore()}, "ack_mode"),
+    (AMQP, {"guarantee": "at-most-once", "mandatory": True}, "mandatory"),
+    (KAFKA, {"guarantee": "effectively-once", "dedup": None}, "dedup"),
+    (KAFKA, {"no_such_knob": 1}, "no_such_knob"),
+    (AMQP, {"acks": "all"}, "acks"),  # a Kafka knob on RabbitMQ
+    (KAFKA, {"retry": 3}, "retry"),
+    (KAFKA, {"dedup": "sqlite"}, "dedup"),
+])
+def test_incompatible_settings_fail_at_connect(url: str, kwargs: dict[str, object], field: str | None) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        connect(url, **kwargs)  # type: ignore[arg-type]
+    if field is not None:
+        assert info.value.field == field
+
+
+def test_unknown_setting_lists_the_allowed_ones() -> None:
+    with pytest.raises(ConfigurationError, match=r"unknown setting 'prefetchh'; allowed: .*prefetch"):
+        connect(AMQP, prefetchh=5)
+
+
+def test_failed_connect_closes_the_store_it_opened(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError):
+        connect(AMQP, guarantee="effectively-once", dedup_path=tmp_path / "d.sqlite3", ack_mode="auto")
+    # The store's file handle was released: the file can be opened exclusively by a new store at once.
+    SQLiteDedupStore(tmp_path / "d.sqlite3").close()
+
+
+def test_consumer_refuses_a_bad_source_and_a_closed_broker() -> None:
+    broker = connect(AMQP)
+    with pytest.raises(ConfigurationError):
+        broker.consumer("", lambda m: None)
+    broker.close()
+    with pytest.raises(rm.ClosedError):
+        broker.consumer("orders", lambda m: None)
+    with pytest.raises(rm.ClosedError):
+        broker.publish("orders", b"x")
+
+
+def test_dead_letter_sources() -> None:
+    with connect(KAFKA) as kafka, connect(AMQP) as rabbit:
+        assert kafka.dead_letter_source("orders") == "orders.DLT"
+        assert rabbit.dead_letter_source("orders") == "orders.dlq"
