@@ -1,0 +1,294 @@
+"""The facade's contract, written once and run against each real broker.
+
+A subclass supplies the broker URL and three broker-specific probes (reading dead letters,
+preparing a source with several partitions, publishing one message id to two places); every
+test here must pass unchanged on Kafka and on RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import reliable_messaging as rm
+from reliable_messaging import Broker, Delivery, Message, Reject, Retry, RetryPolicy, connect
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.2, max_delay=1.0, jitter=0.0)
+HERE = Path(__file__).parent
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Recorder:
+    """A handler that records what it saw; ``script`` decides per attempt how it ends."""
+
+    def __init__(self, script: Callable[[Message], None] | None = None) -> None:
+        self.seen: list[Message] = []
+        self.lock = threading.Lock()
+        self.script = script
+
+    def __call__(self, message: Message) -> None:
+        with self.lock:
+            self.seen.append(message)
+        if self.script is not None:
+            self.script(message)
+
+    def bodies(self) -> list[bytes]:
+        with self.lock:
+            return [m.body for m in self.seen]
+
+
+class FacadeContract:
+    """Tests every broker must pass through ``reliable_messaging.connect``."""
+
+    settings: dict[str, Any] = {}  # noqa: RUF012 - per-broker constants, overridden by subclasses
+    two_instance_settings: dict[str, Any] = {}  # noqa: RUF012
+
+    # -- what a subclass provides --------------------------------------------------------------------
+
+    @pytest.fixture
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def read_dead_letters(self, url: str, source: str, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+        """The first ``count`` dead letters of ``source`` as {"body", "headers"}, read with the raw client."""
+        raise NotImplementedError
+
+    def prepare_two_places(self, url: str, source: str) -> None:
+        """Make ``source`` able to hand two copies of a message to two consumer instances at once."""
+        raise NotImplementedError
+
+    def publish_to_two_places(self, broker: Broker, source: str, message_id: str, body: bytes) -> None:
+        """Publish the same message id twice so that two consumer instances each get one copy."""
+        raise NotImplementedError
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    @pytest.fixture
+    def broker(self, url: str, unique_name: str) -> Iterator[Broker]:
+        with connect(url, retry=FAST_RETRY, name=unique_name, **self.settings) as broker:
+            yield broker
+
+    def started(self, broker: Broker, source: str, handler: Callable[[Message], Any], **kwargs: Any) -> rm.Consumer:
+        consumer = broker.consumer(source, handler, **kwargs)
+        consumer.start()
+        return consumer
+
+    # -- the contract ---------------------------------------------------------------------------------
+
+    @pytest.mark.timeout(90)
+    def test_round_trip_keeps_body_key_headers_and_message_id(self, broker: Broker, unique_name: str) -> None:
+        recorder = Recorder()
+        self.started(broker, unique_name, recorder)
+        futures = [broker.publish(unique_name, f"body {i}", key="customer-7", headers={"n": str(i)})
+                   for i in range(10)]
+        deliveries = [f.result(timeout=30) for f in futures]
+        assert all(isinstance(d, Delivery) and d.destination == unique_name for d in deliveries)
+        wait_for(lambda: len(recorder.seen) == 10, 60, "10 messages")
+        assert recorder.bodies() == [f"body {i}".encode() for i in range(10)]
+        assert [m.message_id for m in recorder.seen] == [f.message_id for f in futures]
+        for i, message in enumerate(recorder.seen):
+            assert message.key == b"customer-7"
+            assert message.header("n") == str(i)
+            assert (message.attempt, message.redelivered, message.source) == (1, False, unique_name)
+
+    @pytest.mark.timeout(90)
+    def test_a_handled_message_is_acknowledged_and_not_seen_again(self, broker: Broker, unique_name: str) -> None:
+        first = Recorder()
+        consumer = self.started(broker, unique_name, first)
+        for i in range(5):
+            broker.publish(unique_name, f"{i}").result(timeout=30)
+        wait_for(lambda: len(first.seen) == 5, 60, "5 messages")
+        consumer.stop()
+        broker.publish(unique_name, b"after the restart").result(timeout=30)
+        second = Recorder()
+        self.started(broker, unique_name, second)
+        wait_for(lambda: len(second.seen) >= 1, 60, "the next message")
+        time.sleep(0.5)  # anything acknowledged but still redelivered would arrive alongside it
+        assert second.bodies() == [b"after the restart"]
+
+    @pytest.mark.timeout(90)
+    def test_retry_signal_delivers_again_with_the_next_attempt(self, broker: Broker, unique_name: str) -> None:
+        def script(message: Message) -> None:
+            if message.attempt == 1:
+                raise Retry("not yet", delay=0.3)
+
+        recorder = Recorder(script)
+        consumer = self.started(broker, unique_name, recorder)
+        future = broker.publish(unique_name, b"twice")
+        wait_for(lambda: len(recorder.seen) == 2, 60, "the retried delivery")
+        assert [m.attempt for m in recorder.seen] == [1, 2]
+        assert {m.message_id for m in recorder.seen} == {future.message_id}
+        wait_for(lambda: consumer.stats.processed == 1, 10, "the ack")
+        assert consumer.stats.retried == 1
+
+    @pytest.mark.timeout(90)
+    def test_reject_dead_letters_at_once_and_the_consumer_goes_on(
+        self, broker: Broker, url: str, unique_name: str
+    ) -> None:
+        def script(message: Message) -> None:
+            if message.body == b"poison":
+                raise Reject("order 17 does not exist")
+
+        recorder = Recorder(script)
+        self.started(broker, unique_name, recorder)
+        bad = broker.publish(unique_name, b"poison")
+        broker.publish(unique_name, b"fine")
+        wait_for(lambda: recorder.bodies().count(b"fine") == 1, 60, "the next message to be handled")
+        letters = self.read_dead_letters(url, unique_name, 1)
+        assert letters[0]["body"] == b"poison"
+        assert recorder.bodies().count(b"poison") == 1, "Reject must not retry"
+        assert bad.message_id in json.dumps(letters[0]["headers"], default=str)
+
+    @pytest.mark.timeout(120)
+    def test_failures_retry_then_dead_letter_when_attempts_run_out(
+        self, broker: Broker, url: str, unique_name: str
+    ) -> None:
+        def script(message: Message) -> None:
+            if message.body == b"always fails":
+                raise ValueError("downstream said no")
+
+        recorder = Recorder(script)
+        consumer = self.started(broker, unique_name, recorder)
+        broker.publish(unique_name, b"always fails").result(timeout=30)
+        letters = self.read_dead_letters(url, unique_name, 1, timeout=60)
+        assert letters[0]["body"] == b"always fails"
+        attempts = [m.attempt for m in recorder.seen if m.body == b"always fails"]
+        assert attempts == [1, 2, 3]
+        assert "downstream said no" in json.dumps(letters[0]["headers"], default=str)
+        broker.publish(unique_name, b"next").result(timeout=30)
+        wait_for(lambda: b"next" in recorder.bodies(), 30, "the consumer to keep running")
+        assert consumer.stats.dead_lettered == 1
+
+    @pytest.mark.timeout(90)
+    def test_undecodable_message_is_dead_lettered_without_retries(
+        self, broker: Broker, url: str, unique_name: str
+    ) -> None:
+        recorder = Recorder()
+        self.started(broker, unique_name, recorder, decoder=json.loads)
+        broker.publish(unique_name, b"{not json").result(timeout=30)
+        broker.publish(unique_name, b'{"order": 1}').result(timeout=30)
+        wait_for(lambda: len(recorder.seen) == 1, 60, "the decodable message")
+        assert recorder.seen[0].value == {"order": 1}
+        assert self.read_dead_letters(url, unique_name, 1)[0]["body"] == b"{not json"
+
+    @pytest.mark.timeout(90)
+    def test_async_handler_and_awaited_publishes(self, url: str, unique_name: str) -> None:
+        async def service() -> list[bytes]:
+            seen: list[bytes] = []
+            done = asyncio.Event()
+            loop = asyncio.get_running_loop()
+
+            async def handler(message: Message) -> None:
+                await asyncio.sleep(0)
+                seen.append(message.body)
+                if len(seen) == 3:
+                    done.set()
+
+            async with connect(url, name=unique_name, **self.settings) as broker:
+                broker.consumer(unique_name, handler, loop=loop).start()
+                deliveries = [await broker.publish(unique_name, f"async {i}") for i in range(3)]
+                assert [d.destination for d in deliveries] == [unique_name] * 3
+                await asyncio.wait_for(done.wait(), 60)
+            return seen
+
+        assert asyncio.run(service()) == [b"async 0", b"async 1", b"async 2"]
+
+    # -- duplicates are processed once ------------------------------------------------------------
+
+    @pytest.mark.timeout(90)
+    def test_a_republished_message_is_processed_once(self, url: str, unique_name: str, tmp_path: Path) -> None:
+        recorder = Recorder()
+        with connect(url, guarantee="effectively-once", dedup_path=tmp_path / "dedup.sqlite3", name=unique_name,
+                     **self.settings) as broker:
+            consumer = self.started(broker, unique_name, recorder)
+            # A producer that lost the ack resends the same message id.
+            first = broker.publish(unique_name, b"charge 10 EUR", message_id="payment-1")
+            second = broker.publish(unique_name, b"charge 10 EUR", message_id="payment-1")
+            broker.publish(unique_name, b"end", message_id="end").result(timeout=30)
+            assert first.result(timeout=30).message_id == second.result(timeout=30).message_id == "payment-1"
+            wait_for(lambda: consumer.stats.processed + consumer.stats.deduplicated == 3, 60, "3 deliveries")
+            assert recorder.bodies() == [b"charge 10 EUR", b"end"]
+            assert consumer.stats.deduplicated == 1
+
+    @pytest.mark.fault
+    @pytest.mark.slow
+    @pytest.mark.timeout(180)
+    def test_redelivered_after_a_crash_between_done_and_ack_is_processed_once(
+        self, url: str, unique_name: str, tmp_path: Path
+    ) -> None:
+        """SIGKILL right after mark_done: the broker redelivers (no ack/commit), SQLite remembers it."""
+        with connect(url, name=unique_name, **self.settings) as broker:
+            # Declare the source (and create its topics) first, so messages published now are kept.
+            broker.consumer(unique_name, lambda m: None).start().stop()
+            ids = [broker.publish(unique_name, f"{i}").message_id for i in range(10)]
+            assert broker.flush(30)
+        dedup, log = tmp_path / "dedup.sqlite3", tmp_path / "handled.log"
+        cmd = [sys.executable, str(HERE / "_dedup_consumer.py"), url, unique_name, unique_name, str(dedup), str(log),
+               "10"]
+        crashed = subprocess.run([*cmd, "--crash-after", "5"], capture_output=True, text=True, timeout=120,
+                                 check=False)
+        assert crashed.returncode == -9, crashed.stderr[-2000:]
+        assert log.read_text().split() == ids[:5]
+        restarted = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        assert restarted.returncode == 0, restarted.stderr[-2000:]
+        stats = json.loads(restarted.stdout.strip().splitlines()[-1])
+        runs = log.read_text().split()
+        assert sorted(runs) == sorted(ids), "every message handled exactly once across the crash"
+        assert stats["deduplicated"] >= 1, "the message marked done before the crash must come back and be skipped"
+        assert stats["processed"] == 5
+
+    @pytest.mark.redis
+    @pytest.mark.timeout(120)
+    def test_a_message_delivered_to_two_consumer_instances_is_processed_once(
+        self, url: str, unique_name: str, redis_endpoint: Any
+    ) -> None:
+        store_a = rm.RedisDedupStore(redis_endpoint.url, prefix=f"{unique_name}:")
+        store_b = rm.RedisDedupStore(redis_endpoint.url, prefix=f"{unique_name}:")
+        self.prepare_two_places(url, unique_name)
+        handled: list[tuple[str, str]] = []
+        seen = [0, 0]
+        lock = threading.Lock()
+
+        def instance(name: str, index: int) -> Callable[[Message], None]:
+            def handler(message: Message) -> None:
+                with lock:
+                    seen[index] += 1
+                    handled.append((name, message.message_id))
+                time.sleep(0.3)  # both copies are in flight together: the claim decides
+            return handler
+
+        settings = {**self.settings, **self.two_instance_settings}
+        with connect(url, guarantee="effectively-once", dedup=store_a, name=unique_name, **settings) as a, \
+                connect(url, guarantee="effectively-once", dedup=store_b, name=unique_name, **settings) as b:
+            consumer_a = self.started(a, unique_name, instance("a", 0), group=unique_name)
+            consumer_b = self.started(b, unique_name, instance("b", 1), group=unique_name)
+            self.wait_both_assigned(consumer_a, consumer_b)
+            for n in range(5):
+                self.publish_to_two_places(a, unique_name, f"order-{n}", f"order {n}".encode())
+            total = lambda: sum(c.stats.processed + c.stats.deduplicated for c in (consumer_a, consumer_b))  # noqa: E731
+            wait_for(lambda: total() == 10, 90, "both copies of every message to be settled")
+        assert sorted(mid for _, mid in handled) == [f"order-{n}" for n in range(5)], handled
+        # Ten deliveries settled, five handler runs: every second copy was recognised and skipped.
+        assert consumer_a.stats.deduplicated + consumer_b.stats.deduplicated == 5
+        assert sum(seen) == 5
+        store_a.close()
+        store_b.close()
+
+    def wait_both_assigned(self, a: rm.Consumer, b: rm.Consumer) -> None:
+        """Kafka: wait for the group to settle; RabbitMQ consumers are ready once started."""
