@@ -1,0 +1,144 @@
+"""What deduplication costs a consumer: the same consumer without dedup, with memory, with SQLite.
+
+    python benchmarks/bench_dedup.py [--messages N] [--repeat R] [--broker kafka|rabbitmq|both]
+
+For each broker, N messages are published once to a fresh topic/queue; then each variant consumes
+them from the start (Kafka: a new group on the same topic; RabbitMQ: a fresh copy of the queue)
+through ``reliable_messaging.connect`` (at-least-once, the default manual commits/acks) with a
+trivial handler, so the cost measured is the library's and the store's, not the handler's. Prints
+msgs/s and the throughput cost of each store relative to no dedup (targets: memory <= 10%,
+SQLite <= 20%). Median of R runs per variant, variants interleaved so drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from reliable_messaging import Broker, DedupStore, MemoryDedupStore, Message, SQLiteDedupStore, connect
+
+TARGETS = {"memory": 0.10, "sqlite": 0.20}
+
+
+def _kafka_url() -> str:
+    return f"kafka://{os.environ.get('KAFKA_BOOTSTRAP_SERVERS', '127.0.0.1:9092')}"
+
+
+def _rabbitmq_url() -> str:
+    return os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+def _store(kind: str, directory: Path) -> DedupStore | None:
+    if kind == "memory":
+        return MemoryDedupStore(max_entries=1_000_000)
+    if kind == "sqlite":
+        return SQLiteDedupStore(directory / f"{uuid.uuid4().hex}.sqlite3")
+    return None
+
+
+def _consume(broker: Broker, source: str, group: str, expected: int, store: DedupStore | None) -> float:
+    """Seconds from the first handled message to the last (excludes group join / queue setup)."""
+    count = 0
+    first = 0.0
+
+    def handler(message: Message) -> None:
+        nonlocal count, first
+        if count == 0:
+            first = time.perf_counter()
+        count += 1
+
+    consumer = broker.consumer(source, handler, group=group, dedup=store)
+    consumer.start()
+    deadline = time.monotonic() + 300
+    while count < expected:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out: {count}/{expected} handled")
+        time.sleep(0.001)
+    elapsed = time.perf_counter() - first
+    consumer.stop()
+    return elapsed
+
+
+def bench_kafka(messages: int, repeat: int, directory: Path) -> dict[str, list[float]]:
+    topic = f"bench-dedup-{uuid.uuid4().hex[:8]}"
+    results: dict[str, list[float]] = {"none": [], "memory": [], "sqlite": []}
+    with connect(_kafka_url(), name=topic) as broker:
+        for i in range(messages):
+            broker.publish(topic, b"x" * 100, key=str(i % 16))
+        assert broker.flush(120), "publishing the benchmark's messages did not finish"
+        for r in range(repeat):
+            for kind in results:
+                store = _store(kind, directory)
+                seconds = _consume(broker, topic, f"{topic}-{kind}-{r}", messages, store)
+                results[kind].append(messages / seconds)
+                if store is not None:
+                    store.close()
+    return results
+
+
+def bench_rabbitmq(messages: int, repeat: int, directory: Path) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {"none": [], "memory": [], "sqlite": []}
+    with connect(_rabbitmq_url(), name="bench-dedup") as broker:
+        for r in range(repeat):
+            for kind in results:
+                queue = f"bench-dedup-{kind}-{r}-{uuid.uuid4().hex[:6]}"
+                broker.consumer(queue, lambda m: None).start().stop()  # declare the queue, then fill it
+                for _ in range(messages):
+                    broker.publish(queue, b"x" * 100)
+                assert broker.flush(120), "publishing the benchmark's messages did not finish"
+                store = _store(kind, directory)
+                seconds = _consume(broker, queue, queue, messages, store)
+                results[kind].append(messages / seconds)
+                if store is not None:
+                    store.close()
+    return results
+
+
+def report(label: str, results: dict[str, list[float]]) -> list[str]:
+    base = statistics.median(results["none"])
+    print(f"\n{label}: consumer throughput, median of {len(results['none'])} runs")
+    print(f"  {'dedup store':12} {'msg/s':>10} {'cost':>8} {'target':>8}")
+    misses = []
+    for kind, values in results.items():
+        rate = statistics.median(values)
+        if kind == "none":
+            print(f"  {kind:12} {rate:>10,.0f} {'-':>8} {'-':>8}")
+            continue
+        cost = 1 - rate / base
+        target = TARGETS[kind]
+        flag = "" if cost <= target else "  MISSED"
+        print(f"  {kind:12} {rate:>10,.0f} {cost:>8.1%} {target:>8.0%}{flag}")
+        if cost > target:
+            misses.append(f"{label} {kind}")
+    return misses
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--broker", choices=["kafka", "rabbitmq", "both"], default="both")
+    args = parser.parse_args()
+    runs: list[tuple[str, Callable[[int, int, Path], dict[str, list[float]]]]] = []
+    if args.broker in ("kafka", "both"):
+        runs.append(("Kafka", bench_kafka))
+    if args.broker in ("rabbitmq", "both"):
+        runs.append(("RabbitMQ", bench_rabbitmq))
+    misses: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, bench in runs:
+            misses += report(label, bench(args.messages, args.repeat, Path(tmp)))
+    if misses:
+        print(f"\ntargets missed: {', '.join(misses)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
