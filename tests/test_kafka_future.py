@@ -26,7 +26,7 @@ def report(offset: int = 7, partition: int = 2, topic: str = "t", ts_ms: int = 1
 
 
 def test_is_a_delivery_future_resolved_from_the_report() -> None:
-    future = KafkaDeliveryFuture("id-1")
+    future = KafkaDeliveryFuture("id-1", "t")
     assert isinstance(future, DeliveryFuture)
     assert isinstance(future, concurrent.futures.Future)
     assert future.running() and not future.done()

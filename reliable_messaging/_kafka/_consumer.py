@@ -64,6 +64,7 @@ from ._message import (
     ORIGIN_TOPIC_HEADER,
     REASON_HEADER,
     KafkaMessage,
+    new_kafka_message,
 )
 from ._offsets import OffsetTracker, TopicPartitionKey
 from ._producer import KafkaProducer
@@ -180,6 +181,7 @@ class KafkaConsumer:
         self._runner: HandlerRunner[KafkaMessage] = HandlerRunner(
             handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=dedup_key, loop=loop,
         )
+        self._decoding = decoder is not None
         self._runner.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0})
         self._levels = max(1, retry.max_attempts - 1)
         self._topics = names
@@ -320,7 +322,11 @@ class KafkaConsumer:
                 timeout = self._resume_due()
                 if self._mode is CommitMode.MANUAL_BATCH:
                     self._commit_on_time()
-                records = consume(self._fetch, timeout)
+                # consume(n, timeout) waits until it has n records or the timeout passed: take what
+                # is there, and block only for the first record of an idle stream.
+                records = consume(self._fetch, 0)
+                if not records:
+                    records = consume(1, timeout)
                 if self._rebalanced:
                     # A rebalance was served inside this consume(): drop records of partitions this
                     # consumer no longer owns (their new owner reads them from the committed offset).
@@ -390,13 +396,13 @@ class KafkaConsumer:
         else:
             message_id = mid.decode("utf-8", "replace") if isinstance(mid, bytes) else str(mid)
         body = raw.value() or b""
-        value, outcome = self._runner.decode(body)
+        if self._decoding:
+            value, outcome = self._runner.decode(body)
+        else:
+            value, outcome = body, None
         ts_type, ts = raw.timestamp()
-        message = KafkaMessage(
-            body=body, value=value, message_id=message_id, key=raw.key(), headers=headers,
-            redelivered=attempt > 1, attempt=attempt, source=origin,
-            topic=topic, partition=partition, offset=offset, timestamp=ts / 1000.0 if ts_type else None,
-        )
+        message = new_kafka_message(body, value, message_id, raw.key(), headers, attempt, origin, topic, partition,
+                                    offset, ts / 1000.0 if ts_type else None)
         if self._in_flight is not None:
             self._bound_uncommitted()
         if outcome is None:

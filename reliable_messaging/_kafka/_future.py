@@ -41,8 +41,8 @@ __all__ = ["KafkaDeliveryFuture"]
 
 _LAZY_LOCK = threading.Lock()
 
-_Report = tuple[str, "int | None", "int | None", tuple[int, int]]
-"""What a delivery report says: topic, partition, offset, (timestamp type, timestamp in ms)."""
+_Report = tuple["int | None", "int | None", tuple[int, int]]
+"""What a delivery report says: partition, offset, (timestamp type, timestamp in ms)."""
 
 
 class KafkaDeliveryFuture(DeliveryFuture):
@@ -53,11 +53,12 @@ class KafkaDeliveryFuture(DeliveryFuture):
     """
 
     _lazy_condition: threading.Condition | None = None  # class default: no condition yet
-    _report: _Report | None = None  # (topic, partition, offset, timestamp)
+    _report: _Report | None = None  # (partition, offset, (timestamp type, timestamp)) until built
 
-    def __init__(self, message_id: str) -> None:
+    def __init__(self, message_id: str, topic: str = "") -> None:
         # Future.__init__ is deliberately not called: it would build the condition eagerly.
         self.message_id = message_id
+        self._topic = topic  # known at publish: msg.topic() would allocate a new str per report
         self._state = RUNNING
         self._result = None
         self._exception = None
@@ -68,7 +69,7 @@ class KafkaDeliveryFuture(DeliveryFuture):
         if err is not None:
             self.set_exception(delivery_error(err, self.message_id))
             return
-        report = (msg.topic() or "", msg.partition(), msg.offset(), msg.timestamp())
+        report = (msg.partition(), msg.offset(), msg.timestamp())
         if self._lazy_condition is None:
             with _LAZY_LOCK:
                 if self._lazy_condition is None:  # nobody waits: keep the report, build the Delivery on read
@@ -77,7 +78,7 @@ class KafkaDeliveryFuture(DeliveryFuture):
                     self._report = report
                     self._state = FINISHED
                     return
-        self.set_result(_delivery(self.message_id, report))
+        self.set_result(_delivery(self.message_id, self._topic, report))
 
     # -- lazy parts -----------------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ class KafkaDeliveryFuture(DeliveryFuture):
         if result is None:
             report = self._report
             assert report is not None, "FINISHED without exception holds a result or a report"
-            result = self._result = _delivery(self.message_id, report)
+            result = self._result = _delivery(self.message_id, self._topic, report)
             self._report = None
         return result
 
@@ -129,8 +130,8 @@ class KafkaDeliveryFuture(DeliveryFuture):
         return super().exception(timeout)
 
 
-def _delivery(message_id: str, report: _Report) -> Delivery:
-    topic, partition, offset, (ts_type, ts) = report
+def _delivery(message_id: str, topic: str, report: _Report) -> Delivery:
+    partition, offset, (ts_type, ts) = report
     return Delivery(
         message_id,
         topic,

@@ -157,7 +157,7 @@ class KafkaProducer:
             partition = -1
         elif partition.__class__ is not int or partition < 0:
             raise InvalidMessage(f"partition must be None or an int >= 0, got {partition!r}")
-        future = KafkaDeliveryFuture(message_id)
+        future = KafkaDeliveryFuture(message_id, topic)
         try:
             self._produce(topic, value, key, partition, future, None, 0, kafka_headers)
         except BufferError:
