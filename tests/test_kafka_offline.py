@@ -216,3 +216,9 @@ def test_unstarted_consumer_stops_at_once_and_cannot_start_afterwards() -> None:
     assert time.monotonic() - began < 5
     with pytest.raises(ClosedError):
         consumer.start()
+
+
+def test_handler_must_be_callable() -> None:
+    with pytest.raises(ConfigurationError, match="handler must be callable") as info:
+        KafkaConsumer(consumer_config(), "t", "not a function")  # type: ignore[arg-type]
+    assert info.value.field == "handler"

@@ -162,6 +162,8 @@ class KafkaConsumer:
         if not names or not all(isinstance(t, str) and t for t in names):
             raise ConfigurationError(f"topics must be a topic name or a non-empty list of them, got {topics!r}",
                                      field="topics")
+        if not callable(handler):
+            raise ConfigurationError(f"handler must be callable, got {type(handler).__name__}", field="handler")
         if not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {type(retry).__name__}", field="retry")
         if dedup is not None and not isinstance(dedup, DedupStore):
@@ -203,6 +205,7 @@ class KafkaConsumer:
         self._fetch = config.fetch_batch
         self._commit_every = config.commit_every
         self._half = max(1, config.commit_every // 2)
+        self._bounded = self._mode is CommitMode.MANUAL_BATCH
         if self._mode is CommitMode.MANUAL_BATCH:
             # Return to consume() (which serves commit callbacks) at least every half-batch.
             self._fetch = min(self._fetch, self._half)
@@ -403,7 +406,7 @@ class KafkaConsumer:
         ts_type, ts = raw.timestamp()
         message = new_kafka_message(body, value, message_id, raw.key(), headers, attempt, origin, topic, partition,
                                     offset, ts / 1000.0 if ts_type else None)
-        if self._in_flight is not None:
+        if self._bounded and self._in_flight_count + self._since_commit >= self._commit_every:
             self._bound_uncommitted()
         if outcome is None:
             outcome = self._runner.invoke(message)
@@ -547,17 +550,17 @@ class KafkaConsumer:
                     self._consumer.store_offsets(offsets=[TopicPartition(tp[0], tp[1], position)])
                 except KafkaException as exc:  # the partition was revoked meanwhile: its new owner reads it
                     logger.warning("could not store offset %d for %s[%d]: %s", position, tp[0], tp[1], exc)
+                    logger.debug("store_offsets failure", exc_info=exc)
         # AUTO: librdkafka stored the offset when it handed the record out.
 
     def _bound_uncommitted(self) -> None:
         """MANUAL_BATCH: never hold more than ``commit_every`` processed records without an acknowledged commit.
 
         Commits go out asynchronously every half ``commit_every``; if the
-        previous one is still unanswered when the next record would exceed the
-        bound, commit synchronously first.
+        previous one is still unanswered (or failed) when the next record would
+        exceed the bound, commit synchronously before processing it.
         """
-        if self._in_flight_count + self._since_commit + 1 > self._commit_every:
-            self._commit_sync(None, "the previous commit is still unanswered")
+        self._commit_sync(None, "the previous commit is still unanswered")
 
     def _commit_on_time(self) -> None:
         if self._since_commit and self._in_flight is None and \
@@ -575,6 +578,7 @@ class KafkaConsumer:
         except KafkaException as exc:
             self.stats.extra["commit_failures"] += 1
             logger.warning("asynchronous commit refused: %s", exc)
+            logger.debug("commit failure", exc_info=exc)
             return
         self._in_flight = positions
         self._in_flight_count = self._since_commit
@@ -622,6 +626,7 @@ class KafkaConsumer:
             if err is not None and err.code() == KafkaError._NO_OFFSET:
                 return True  # nothing stored since the last commit
             logger.warning("commit of stored offsets (%s) failed: %s", why, exc)
+            logger.debug("commit failure", exc_info=exc)
             return False
         return True
 

@@ -19,9 +19,7 @@ expires), queue a *delivery report*. Reports are handed to Python only by
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,7 +28,7 @@ import tenacity
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from .._errors import ClosedError, ConfigurationError, DeliveryTimeout, InvalidMessage
-from .._message import MESSAGE_ID_HEADER, DeliveryFuture, coerce_body
+from .._message import MESSAGE_ID_HEADER, DeliveryFuture, coerce_body, new_message_id
 from ._config import KafkaProducerConfig
 from ._errors import delivery_error
 from ._future import KafkaDeliveryFuture
@@ -102,12 +100,6 @@ class KafkaProducer:
         self._produce = self._producer.produce
         self._poll = self._producer.poll
         self._queue_full_sleep = queue_full_sleep or self._serve_reports_for
-        # Message ids: 64 random bits per producer + a 64-bit counter, 32 hex characters like
-        # new_message_id(). As unique (two producers share a prefix with probability 2**-64, one producer
-        # never repeats a counter) at a third of the cost: no getrandom() system call per message. A forked
-        # child cannot use its parent's librdkafka producer, so it builds its own, with a new prefix.
-        self._id_prefix = os.urandom(8).hex()
-        self._next_id = itertools.count(1).__next__
         self._closed = False
         self._close_lock = threading.Lock()
         self._published = 0
@@ -143,7 +135,7 @@ class KafkaProducer:
             raise ClosedError("the producer is closed; publish() was not attempted")
         value = body if body.__class__ is bytes else coerce_body(body)
         if message_id is None:
-            message_id = "%s%016x" % (self._id_prefix, self._next_id())  # noqa: UP031 - fastest formatting
+            message_id = new_message_id()
         elif message_id.__class__ is not str or not message_id:
             raise InvalidMessage(f"message_id must be a non-empty str, got {message_id!r}")
         kafka_headers: list[tuple[str, str | bytes | None]] = (
