@@ -253,3 +253,18 @@ def test_second_consumer_joining_loses_nothing_and_repeats_nothing(
     assert {name for name, _ in processed} == {"first", "second"}
     assert first.stats.extra["commits"] >= 1, "the revoke committed"
     assert sum(committed(bootstrap, group_id, topic, 4)) == total
+
+
+def test_consumer_started_before_its_topic_exists_gets_the_first_message_promptly(
+    kafka_endpoint: KafkaEndpoint, topic: str, group_id: str
+) -> None:
+    """librdkafka would only notice a missing subscribed topic at its next metadata refresh (5 minutes)."""
+    bootstrap = kafka_endpoint.bootstrap_servers
+    seen: list[bytes] = []
+    consumer = KafkaConsumer(config(bootstrap, group_id), topic, lambda m: seen.append(m.body))
+    with consumer:
+        wait_until(lambda: bool(consumer.assignment()), 30, "the consumer to own partitions")
+        began = time.monotonic()
+        publish(bootstrap, topic, [b"first"])
+        wait_until(lambda: seen == [b"first"], 15, "the first message")
+    assert time.monotonic() - began < 15

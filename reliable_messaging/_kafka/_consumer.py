@@ -130,7 +130,10 @@ class KafkaConsumer:
       ``<topic>.retry.<n>``; False retries in place, holding the partition
       (and every partition of this consumer) for the backoff delay.
     - ``dead_letter_suffix``/``retry_suffix``: topic naming, see :mod:`._topology`.
-    - ``create_topics``: create the retry and dead-letter topics at start.
+    - ``create_topics``: create missing topics at start: the retry and dead-letter
+      topics (with the source's partition count), and a source topic that does
+      not exist yet (broker defaults), since librdkafka would only notice it at
+      its next metadata refresh, minutes later.
     - ``producer``: the :class:`KafkaProducer` for retry/dead-letter records
       (default: one of its own, ``acks=all`` with idempotence).
 
@@ -348,7 +351,10 @@ class KafkaConsumer:
         extra = {k: v for k, v in self.config.extra.items() if k.startswith(_PRODUCER_SECURITY_PREFIXES)}
         try:
             counts = partition_counts(self.config.bootstrap_servers, self._topics, extra=extra)
-            wanted: dict[str, int] = {}
+            # A source topic that does not exist yet is created too (broker defaults): librdkafka only
+            # looks again for a subscribed topic it did not find at the next metadata refresh
+            # (topic.metadata.refresh.interval.ms, 5 minutes), so records published meanwhile would wait.
+            wanted: dict[str, int] = {topic: -1 for topic in self._topics if topic not in counts}
             for topic in self._topics:
                 partitions = counts.get(topic, -1)
                 wanted[self._names.dead_letter(topic)] = partitions
