@@ -26,14 +26,15 @@ from collections.abc import Callable
 # confluent_kafka.admin re-exports NewTopic (its documented home) without declaring it to type checkers.
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from reliable_messaging import Retry, RetryPolicy
-from reliable_messaging._kafka import (  # TODO: `from reliable_messaging import ...` once typed there
+from reliable_messaging import (
     CommitMode,
     KafkaConsumer,
     KafkaConsumerConfig,
     KafkaMessage,
     KafkaProducer,
     KafkaProducerConfig,
+    Retry,
+    RetryPolicy,
 )
 
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")

@@ -27,12 +27,14 @@ import uuid
 # confluent_kafka.admin re-exports NewTopic (its documented home) without declaring it to type checkers.
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from reliable_messaging import DeliveryError, Unroutable
-from reliable_messaging._kafka import KafkaProducer, KafkaProducerConfig  # TODO: from reliable_messaging
-from reliable_messaging._rabbitmq import (  # TODO: `from reliable_messaging import ...` once typed there
+from reliable_messaging import (
+    DeliveryError,
+    KafkaProducer,
+    KafkaProducerConfig,
     RabbitMQPublisher,
     RabbitMQPublisherConfig,
     RabbitMQTopology,
+    Unroutable,
 )
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

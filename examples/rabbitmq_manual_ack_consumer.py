@@ -25,8 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from reliable_messaging import Retry, RetryPolicy
-from reliable_messaging._rabbitmq import (  # TODO: `from reliable_messaging import ...` once typed there
+from reliable_messaging import (
     RabbitMQAckMode,
     RabbitMQConsumer,
     RabbitMQConsumerConfig,
@@ -35,6 +34,8 @@ from reliable_messaging._rabbitmq import (  # TODO: `from reliable_messaging imp
     RabbitMQPublisherConfig,
     RabbitMQRetryMode,
     RabbitMQTopology,
+    Retry,
+    RetryPolicy,
 )
 
 URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

@@ -9,6 +9,7 @@ missing raises ImportError with the pip command that installs it.
 from __future__ import annotations
 
 import importlib
+import typing
 
 from ._dedup import ClaimResult, DedupStore, MemoryDedupStore, RedisDedupStore, SQLiteDedupStore
 from ._errors import (
@@ -40,29 +41,69 @@ from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
 __version__ = "0.1.0"
 
-try:
-    from ._kafka._names import EXPORTS as _KAFKA_EXPORTS
-except ImportError:  # confluent-kafka missing: its names raise the pip hint when used
-    _KAFKA_EXPORTS = ()
-try:
-    from ._rabbitmq._names import EXPORTS as _RABBITMQ_EXPORTS
-except ImportError:  # pika missing
-    _RABBITMQ_EXPORTS = ()
+if typing.TYPE_CHECKING:  # the static view of the lazily imported backends
+    from ._kafka import (
+        Acks,
+        CommitMode,
+        KafkaConsumer,
+        KafkaConsumerConfig,
+        KafkaMessage,
+        KafkaProducer,
+        KafkaProducerConfig,
+    )
+    from ._rabbitmq import (
+        RabbitMQAckMode,
+        RabbitMQBinding,
+        RabbitMQConsumer,
+        RabbitMQConsumerConfig,
+        RabbitMQExchange,
+        RabbitMQExchangeType,
+        RabbitMQMessage,
+        RabbitMQPublisher,
+        RabbitMQPublisherConfig,
+        RabbitMQPublisherStats,
+        RabbitMQQueue,
+        RabbitMQQueueType,
+        RabbitMQRetryMode,
+        RabbitMQTopology,
+    )
 
-# Public names that live in optional backends: name -> private module, imported on first use.
+# Public names that live in optional backends: name -> private module, imported on first use, so
+# that `import reliable_messaging` works with only one client library installed.
 _LAZY: dict[str, str] = {
-    **{name: "._kafka" for name in _KAFKA_EXPORTS},
-    **{name: "._rabbitmq" for name in _RABBITMQ_EXPORTS},
+    "Acks": "._kafka",
+    "CommitMode": "._kafka",
+    "KafkaConsumer": "._kafka",
+    "KafkaConsumerConfig": "._kafka",
+    "KafkaMessage": "._kafka",
+    "KafkaProducer": "._kafka",
+    "KafkaProducerConfig": "._kafka",
+    "RabbitMQAckMode": "._rabbitmq",
+    "RabbitMQBinding": "._rabbitmq",
+    "RabbitMQConsumer": "._rabbitmq",
+    "RabbitMQConsumerConfig": "._rabbitmq",
+    "RabbitMQExchange": "._rabbitmq",
+    "RabbitMQExchangeType": "._rabbitmq",
+    "RabbitMQMessage": "._rabbitmq",
+    "RabbitMQPublisher": "._rabbitmq",
+    "RabbitMQPublisherConfig": "._rabbitmq",
+    "RabbitMQPublisherStats": "._rabbitmq",
+    "RabbitMQQueue": "._rabbitmq",
+    "RabbitMQQueueType": "._rabbitmq",
+    "RabbitMQRetryMode": "._rabbitmq",
+    "RabbitMQTopology": "._rabbitmq",
 }
 
 __all__ = [
     "DEFAULT_DEDUP_PATH",
     "DEFAULT_RETRY_POLICY",
     "TRANSIENT_ERRORS",
+    "Acks",
     "Broker",
     "BrokerUnavailable",
     "ClaimResult",
     "ClosedError",
+    "CommitMode",
     "ConfigurationError",
     "Consumer",
     "ConsumerCancelled",
@@ -76,6 +117,11 @@ __all__ = [
     "Disposition",
     "Guarantee",
     "InvalidMessage",
+    "KafkaConsumer",
+    "KafkaConsumerConfig",
+    "KafkaMessage",
+    "KafkaProducer",
+    "KafkaProducerConfig",
     "MemoryDedupStore",
     "Message",
     "MessageTooLarge",
@@ -83,6 +129,20 @@ __all__ = [
     "NotEnoughReplicas",
     "Outcome",
     "ProcessingSignal",
+    "RabbitMQAckMode",
+    "RabbitMQBinding",
+    "RabbitMQConsumer",
+    "RabbitMQConsumerConfig",
+    "RabbitMQExchange",
+    "RabbitMQExchangeType",
+    "RabbitMQMessage",
+    "RabbitMQPublisher",
+    "RabbitMQPublisherConfig",
+    "RabbitMQPublisherStats",
+    "RabbitMQQueue",
+    "RabbitMQQueueType",
+    "RabbitMQRetryMode",
+    "RabbitMQTopology",
     "RedisDedupStore",
     "Reject",
     "ReliableMessagingError",
@@ -96,7 +156,6 @@ __all__ = [
     "connect",
     "is_transient",
 ]
-__all__ += [*_KAFKA_EXPORTS, *_RABBITMQ_EXPORTS]
 
 
 def __getattr__(name: str) -> object:

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._dedup import DedupStore, SQLiteDedupStore
 from ._errors import ClosedError, ConfigurationError
 from ._handling import ConsumerStats
-from ._message import DeliveryFuture, HeaderValue
+from ._message import DeliveryFuture, OutgoingHeaders
 from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def publish(self, destination: str, body: bytes | bytearray | memoryview | str, *,
-                key: str | bytes | None = None, headers: Mapping[str, HeaderValue] | None = None,
+                key: str | bytes | None = None, headers: OutgoingHeaders | None = None,
                 message_id: str | None = None) -> DeliveryFuture:
         """Publish one message; the future resolves when the broker took responsibility for it
         (per the guarantee: at-most-once futures resolve without a broker acknowledgement)."""
@@ -298,7 +298,7 @@ class KafkaBroker(Broker):
         return producer
 
     def publish(self, destination: str, body: bytes | bytearray | memoryview | str, *,
-                key: str | bytes | None = None, headers: Mapping[str, HeaderValue] | None = None,
+                key: str | bytes | None = None, headers: OutgoingHeaders | None = None,
                 message_id: str | None = None) -> DeliveryFuture:
         return self._producer().publish(destination, body, key=key, headers=headers, message_id=message_id)
 
@@ -394,7 +394,7 @@ class RabbitMQBroker(Broker):
         return publisher
 
     def publish(self, destination: str, body: bytes | bytearray | memoryview | str, *,
-                key: str | bytes | None = None, headers: Mapping[str, HeaderValue] | None = None,
+                key: str | bytes | None = None, headers: OutgoingHeaders | None = None,
                 message_id: str | None = None) -> DeliveryFuture:
         routing_key = key.decode("utf-8") if isinstance(key, bytes) else (key or "")
         return self._publisher_for(destination).publish(destination, routing_key, body, headers=headers,

@@ -26,6 +26,7 @@ __all__ = [
     "DeliveryFuture",
     "HeaderValue",
     "Message",
+    "OutgoingHeaders",
     "coerce_body",
     "new_message_id",
 ]
@@ -42,7 +43,12 @@ ATTEMPT_HEADER = "x-rm-attempt"
 It is 1-based: the first delivery is attempt 1 and carries no header.
 """
 
-HeaderValue: TypeAlias = "str | bytes | int | float | bool | None"
+HeaderValue: TypeAlias = "str | bytes | int | float | bool | list[Any] | dict[str, Any] | None"
+"""A header value as the broker delivers it: Kafka headers are bytes; AMQP tables also carry numbers,
+booleans, nested tables and arrays (RabbitMQ's ``x-death`` is a list of tables)."""
+
+OutgoingHeaders: TypeAlias = "Mapping[str, str | bytes | int | float | bool | None]"
+"""Headers a publish accepts on either broker (str values are sent as UTF-8 on Kafka)."""
 
 
 class _MessageIds:

@@ -147,13 +147,18 @@ def test_threads_with_one_store_each_acquire_each_key_once(db: Path, stores: lis
 
 _CHILD = textwrap.dedent(
     """
+    import os
     import sys
     import time
     from reliable_messaging._dedup import SQLiteDedupStore
 
-    path, start_at, action, *keys = sys.argv[1:]
+    path, go_file, action, *keys = sys.argv[1:]
     store = SQLiteDedupStore(path, lease=30, ttl=600, timeout=10)
-    time.sleep(max(0.0, float(start_at) - time.time()))  # all children start together
+    if go_file != "-":  # a barrier: every child is ready before any starts
+        print("ready", flush=True)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(go_file) and time.monotonic() < deadline:
+            time.sleep(0.001)
     results = []
     for key in keys:
         if action == "claim":
@@ -169,15 +174,15 @@ _CHILD = textwrap.dedent(
 )
 
 
-def run_child(db: Path, action: str, *keys: str, start_at: float = 0.0) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", _CHILD, str(db), str(start_at), action, *keys],
+def run_child(db: Path, action: str, *keys: str, go_file: Path | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(db), str(go_file or "-"), action, *keys],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def child_results(child: subprocess.Popen[str]) -> list[str]:
     out, err = child.communicate(timeout=60)
     assert child.returncode == 0, err
-    return out.split()
+    return out.split()[1:] if out.startswith("ready") else out.split()
 
 
 def test_claims_and_done_records_are_shared_with_another_process(
@@ -201,8 +206,12 @@ def test_processes_racing_on_the_same_keys_acquire_each_key_once(db: Path) -> No
     SQLiteDedupStore(db).close()  # create the file before the race
     keys = [f"m-{i}" for i in range(2000)]
     orders = [keys, keys, keys[::-1], keys[::-1]]  # two pairs contending key by key, meeting in the middle
-    start_at = time.time() + 1.5  # after every child has imported the library and opened the file
-    children = [run_child(db, "claim-and-done", *order, start_at=start_at) for order in orders]
+    go = db.parent / "go"
+    children = [run_child(db, "claim-and-done", *order, go_file=go) for order in orders]
+    for child in children:  # every child has imported the library and opened the file
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+    go.touch()
     outcomes = [child_results(child) for child in children]
     acquired = Counter(
         key
