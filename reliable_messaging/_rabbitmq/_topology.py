@@ -19,9 +19,12 @@ Names used by the helpers (``<q>`` is the work queue):
   consumers whose dead-letter target is the default exchange with routing key
   ``<q>``. A failed message is republished there with an ``expiration`` (the retry
   delay); when it expires the broker dead-letters it straight back to ``<q>``.
-  One queue per attempt keeps the delays within a queue alike: RabbitMQ only
-  expires messages at the head of a queue, so a short delay behind a long one
-  would wait for it.
+  One queue per attempt keeps the policy's delays within a queue alike: RabbitMQ
+  only expires messages at the head of a queue, so a short delay behind a long
+  one waits for it. A handler's ``Retry(delay=...)`` goes to the same per-attempt
+  queue, so a custom delay shorter than a message ahead of it is stretched to
+  that message's expiry (measured: a 0.5 s retry waited ~1 s behind a 1.0 s one);
+  a longer one holds back the messages behind it for its own delay.
 """
 
 from __future__ import annotations
