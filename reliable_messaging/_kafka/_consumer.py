@@ -216,6 +216,8 @@ class KafkaConsumer:
         self._producer: KafkaProducer | None = producer
         self._own_producer = producer is None
         self._tracker = OffsetTracker()
+        self._received = self._tracker.received
+        self._processed = self._tracker.processed
         self._paused: dict[TopicPartitionKey, float] = {}
         self._assigned: set[TopicPartitionKey] = set()
         self._rebalanced = False
@@ -388,7 +390,7 @@ class KafkaConsumer:
         """Process one record; False if its partition was rewound to it (it will be read again)."""
         topic, partition = tp
         offset = raw.offset() or 0
-        self._tracker.received(tp, offset)
+        self._received(tp, offset)
         raw_headers = raw.headers()
         headers: Mapping[str, Any] = dict(raw_headers) if raw_headers else _EMPTY
         origin = self._origin.get(topic, topic)
@@ -425,8 +427,13 @@ class KafkaConsumer:
             self.stats.extra["republish_failures"] += 1
             self._defer(tp, offset, _REPUBLISH_BACKOFF, "its retry/dead-letter publish failed")
             return False
-        self._tracker.processed(tp, offset)
-        self._after_record(raw, tp)
+        self._processed(tp, offset)
+        if self._bounded:  # MANUAL_BATCH, inlined: the common case
+            self._since_commit += 1
+            if self._in_flight is None and self._since_commit >= self._half:
+                self._commit_async()
+        else:
+            self._after_record(tp)
         return True
 
     def _retry_in_place(self, message: KafkaMessage, outcome: Outcome) -> tuple[Outcome | None, KafkaMessage]:
@@ -541,13 +548,10 @@ class KafkaConsumer:
 
     # -- commits --------------------------------------------------------------------------------
 
-    def _after_record(self, raw: RawMessage, tp: TopicPartitionKey) -> None:
+    def _after_record(self, tp: TopicPartitionKey) -> None:
+        """Commit or store after a record, per mode (MANUAL_BATCH is inlined in _handle)."""
         mode = self._mode
-        if mode is CommitMode.MANUAL_BATCH:
-            self._since_commit += 1
-            if self._in_flight is None and self._since_commit >= self._half:
-                self._commit_async()
-        elif mode is CommitMode.MANUAL:
+        if mode is CommitMode.MANUAL:
             self._commit_sync([tp], "after the record")
         elif mode is CommitMode.STORE_OFFSETS:
             position = self._tracker.position(tp)
