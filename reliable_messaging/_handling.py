@@ -187,6 +187,8 @@ class HandlerRunner(Generic[M]):
 
     def _call(self, message: M) -> None:
         result = self.handler(message)
+        if result is None:  # the common case for sync handlers: skip the awaitable check
+            return
         if inspect.isawaitable(result):
             future = asyncio.run_coroutine_threadsafe(_await(result), self._event_loop())
             future.result()
