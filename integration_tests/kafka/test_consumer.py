@@ -268,3 +268,29 @@ def test_consumer_started_before_its_topic_exists_gets_the_first_message_promptl
         publish(bootstrap, topic, [b"first"])
         wait_until(lambda: seen == [b"first"], 15, "the first message")
     assert time.monotonic() - began < 15
+
+
+def test_created_topics_are_visible_when_create_topics_returns(kafka_endpoint: KafkaEndpoint, topic: str) -> None:
+    """CreateTopics answers before the brokers serve the new topic; create_topics waits for that."""
+    from confluent_kafka.admin import AdminClient
+
+    from reliable_messaging._kafka._topology import create_topics
+
+    names = {f"{topic}.{i}": 3 for i in range(5)}
+    assert sorted(create_topics(kafka_endpoint.bootstrap_servers, names)) == sorted(names)
+    metadata = AdminClient({"bootstrap.servers": kafka_endpoint.bootstrap_servers}).list_topics(timeout=10)
+    for name in names:
+        partitions = metadata.topics[name].partitions
+        assert len(partitions) == 3 and all(p.leader >= 0 for p in partitions.values()), name
+
+
+def test_a_new_consumer_owns_its_retry_topics_at_once(
+    kafka_endpoint: KafkaEndpoint, topic: str, group_id: str
+) -> None:
+    """Retry topics created at start must be part of the first assignment, not of one 10 s (or 5 min) later."""
+    bootstrap = kafka_endpoint.bootstrap_servers
+    consumer = KafkaConsumer(config(bootstrap, group_id), topic, lambda m: None,
+                             retry=RetryPolicy(max_attempts=4, initial_delay=0.1, jitter=0.0))
+    wanted = {topic, f"{topic}.retry.1", f"{topic}.retry.2", f"{topic}.retry.3"}
+    with consumer:
+        wait_until(lambda: {tp[0] for tp in consumer.assignment()} >= wanted, 8, "the source and retry topics")

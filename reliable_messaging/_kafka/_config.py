@@ -323,8 +323,15 @@ OFFSET_RESETS = ("earliest", "latest", "error")
 
 CONSUMER_DEFAULTS: Mapping[str, ConfigValue] = types.MappingProxyType({
     "fetch.queue.backoff.ms": 20,
+    "topic.metadata.refresh.interval.ms": 10_000,
 })
 """librdkafka settings whose defaults this library changes; ``extra`` may still override them.
+
+``topic.metadata.refresh.interval.ms``: a subscribed topic that the broker did not
+report at subscribe time (just created, metadata not yet propagated) is only looked
+up again at the next refresh: 5 minutes by default, during which its records wait.
+10 s bounds that wait (the consumer also waits for created topics to be visible
+before subscribing); the cost is one metadata request per 10 s.
 
 ``fetch.queue.backoff.ms``: once librdkafka's prefetch queue holds
 ``queued.min.messages`` (100 000) records it stops fetching for this long

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import tenacity
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
@@ -125,5 +126,41 @@ def create_topics(
         created.append(name)
     if created:
         logger.info("created topics %s", ", ".join(created))
+        _wait_visible(admin, created, timeout)
     return created
+
+
+class _NotVisibleYet(Exception):
+    """A created topic is not yet in the metadata the broker serves (internal: drives the retry)."""
+
+
+def _wait_visible(admin: AdminClient, names: list[str], timeout: float) -> None:
+    """Wait until every topic in ``names`` is in the broker's metadata with a leader for each partition.
+
+    CreateTopics answers once the controller has created a topic; the brokers learn of it
+    a moment later. A consumer subscribing in between is told the topic does not exist,
+    and librdkafka only asks again at its next metadata refresh.
+    """
+    pending = set(names)
+
+    def check() -> None:
+        try:
+            metadata = admin.list_topics(timeout=min(5.0, timeout))
+        except KafkaException as exc:
+            raise _NotVisibleYet(str(exc)) from exc
+        for name in list(pending):
+            topic = metadata.topics.get(name)
+            if topic is not None and topic.error is None and topic.partitions and all(
+                p.leader >= 0 for p in topic.partitions.values()
+            ):
+                pending.discard(name)
+        if pending:
+            raise _NotVisibleYet(", ".join(sorted(pending)))
+
+    retrying = tenacity.Retrying(stop=tenacity.stop_after_delay(timeout), wait=tenacity.wait_fixed(0.05),
+                                 retry=tenacity.retry_if_exception_type(_NotVisibleYet), reraise=True)
+    try:
+        retrying(check)
+    except _NotVisibleYet as exc:
+        raise BrokerUnavailable(f"created topics not visible in metadata within {timeout:.0f}s: {exc}") from exc
 
