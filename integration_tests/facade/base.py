@@ -21,17 +21,12 @@ import pytest
 
 import reliable_messaging as rm
 from reliable_messaging import Broker, Delivery, Message, Reject, Retry, RetryPolicy, connect
+from reliable_messaging.testing import wait_for
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.2, max_delay=1.0, jitter=0.0)
 HERE = Path(__file__).parent
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Recorder:

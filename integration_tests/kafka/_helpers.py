@@ -8,13 +8,13 @@ library under test.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from reliable_messaging._kafka._topology import create_topics
+from reliable_messaging.testing import wait_for
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Record:
 def make_topic(bootstrap: str, topic: str, partitions: int = 1, *, replication_factor: int = -1,
                config: dict[str, str] | None = None) -> str:
     create_topics(bootstrap, {topic: partitions}, replication_factor=replication_factor, config=config)
-    wait_until(lambda: _has_leaders(bootstrap, topic, partitions), 30, f"leaders for {topic}")
+    wait_for(lambda: _has_leaders(bootstrap, topic, partitions), 30, f"leaders for {topic}")
     return topic
 
 
@@ -79,9 +79,3 @@ def read_all(bootstrap: str, topic: str, *, timeout: float = 60.0) -> list[Recor
         consumer.close()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

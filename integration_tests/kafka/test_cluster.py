@@ -35,10 +35,10 @@ from reliable_messaging import (
     KafkaProducerConfig,
     NotEnoughReplicas,
 )
-from reliable_messaging.testing import KafkaEndpoint
+from reliable_messaging.testing import KafkaEndpoint, wait_for
 from reliable_messaging.testing.plugin import BrokerFaults
 
-from ._helpers import make_topic, read_all, wait_until
+from ._helpers import make_topic, read_all
 
 pytestmark = [pytest.mark.kafka, pytest.mark.fault, pytest.mark.slow]
 
@@ -68,7 +68,7 @@ def test_leader_killed_twice_while_producing_keeps_every_acknowledged_message_ex
 ) -> None:
     bootstrap = kafka_cluster.bootstrap_servers
     make_topic(bootstrap, topic, partitions=1, replication_factor=3)
-    wait_until(in_sync(bootstrap, topic, 1), 60, "a fully replicated partition")
+    wait_for(in_sync(bootstrap, topic, 1), 60, "a fully replicated partition")
     producer = KafkaProducer(KafkaProducerConfig(bootstrap_servers=bootstrap))
     futures: list[DeliveryFuture] = []
     killed: list[int] = []
@@ -95,7 +95,7 @@ def test_leader_killed_twice_while_producing_keeps_every_acknowledged_message_ex
         kill_leader()  # with the last batches still in flight
         publish(15_000, 2_500)  # through the election: librdkafka queues and retries
         restarts[0].join(120)
-        wait_until(in_sync(bootstrap, topic, killed[0]), 90, f"node {killed[0]} back in the ISR")
+        wait_for(in_sync(bootstrap, topic, killed[0]), 90, f"node {killed[0]} back in the ISR")
         publish(5_000, 5_000)
         kill_leader()
         publish(20_000, 2_500)
@@ -104,7 +104,7 @@ def test_leader_killed_twice_while_producing_keeps_every_acknowledged_message_ex
         producer.close(timeout=30)
         for restart in restarts:
             restart.join(120)
-    wait_until(in_sync(bootstrap, topic, killed[-1]), 90, f"node {killed[-1]} back in the ISR")
+    wait_for(in_sync(bootstrap, topic, killed[-1]), 90, f"node {killed[-1]} back in the ISR")
 
     assert len(futures) == TOTAL and all(f.done() for f in futures)
     assert len(killed) == 2
@@ -155,7 +155,7 @@ def test_isr_below_min_insync_replicas_is_not_enough_replicas(
     follower = next(n for n in (1, 2, 3) if n != leader)
     broker_faults.kill(kafka_cluster.node(follower))
     # The remaining quorum fences the dead node and shrinks the ISR to 2 < 3.
-    wait_until(lambda: follower not in partition_state(bootstrap, topic)[1], 60, "the ISR to shrink")
+    wait_for(lambda: follower not in partition_state(bootstrap, topic)[1], 60, "the ISR to shrink")
 
     bounded = KafkaProducerConfig(bootstrap_servers=bootstrap, enable_idempotence=False, retries=0,
                                   delivery_timeout=10.0)

@@ -24,9 +24,9 @@ from reliable_messaging import (
     Reject,
     RetryPolicy,
 )
-from reliable_messaging.testing import KafkaEndpoint
+from reliable_messaging.testing import KafkaEndpoint, wait_for
 
-from ._helpers import make_topic, read_all, wait_until
+from ._helpers import make_topic, read_all
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
@@ -68,7 +68,7 @@ def test_failed_message_goes_through_retry_topics_to_the_dlt_without_blocking(
     began = time.time()
     consumer = KafkaConsumer(config(bootstrap, group_id), topic, handler, retry=policy)
     with consumer:
-        wait_until(lambda: consumer.stats.dead_lettered == 1 and consumer.stats.processed == 2, 45, "the DLT")
+        wait_for(lambda: consumer.stats.dead_lettered == 1 and consumer.stats.processed == 2, 45, "the DLT")
     assert consumer.error is None
 
     poison = [(attempt, where, at) for body, attempt, where, at in seen if body == b"poison"]
@@ -111,7 +111,7 @@ def test_undecodable_and_rejected_messages_go_to_the_dlt_at_once(
 
     consumer = KafkaConsumer(config(bootstrap, group_id), topic, handler, decoder=json.loads)
     with consumer:
-        wait_until(lambda: consumer.stats.processed == 2 and consumer.stats.dead_lettered == 2, 30, "all four")
+        wait_for(lambda: consumer.stats.processed == 2 and consumer.stats.dead_lettered == 2, 30, "all four")
     assert values == [{"n": 1}, {"n": 2}], "the handler never saw the undecodable message"
     assert consumer.stats.undecodable == 1 and consumer.stats.retried == 0
     dead = {r.value: r for r in read_all(bootstrap, f"{topic}.DLT")}
@@ -142,7 +142,7 @@ def test_in_place_retry_counts_attempts_and_dead_letters(
     policy = RetryPolicy(max_attempts=3, initial_delay=0.5, jitter=0.0, sleep=sleeps.append)
     consumer = KafkaConsumer(config(bootstrap, group_id), topic, handler, retry=policy, retry_topics=False)
     with consumer:
-        wait_until(lambda: consumer.stats.processed == 1 and consumer.stats.dead_lettered == 1, 30, "both")
+        wait_for(lambda: consumer.stats.processed == 1 and consumer.stats.dead_lettered == 1, 30, "both")
     assert attempts == {b"flaky": 2, b"poison": 3}
     assert sleeps == [0.5, 0.5, 1.0], "the policy's backoff, through the injected sleep"
     [dead] = read_all(bootstrap, f"{topic}.DLT")
@@ -167,7 +167,7 @@ def test_async_handler_and_position_ids_for_foreign_records(
 
     consumer = KafkaConsumer(config(bootstrap, group_id), topic, handler)
     with consumer:
-        wait_until(lambda: len(seen) == 1, 30, "the record")
+        wait_for(lambda: len(seen) == 1, 30, "the record")
     [message] = seen
     assert message.message_id == f"{topic}/0/0"
     assert (message.topic, message.partition, message.offset, message.source) == (topic, 0, 0, topic)
@@ -205,7 +205,7 @@ def test_dedup_skips_a_resent_message_id(kafka_endpoint: KafkaEndpoint, topic: s
     consumer = KafkaConsumer(config(bootstrap, group_id, commit_mode=CommitMode.MANUAL), topic,
                              lambda m: handled.append(m.message_id), dedup=MemoryDedup())
     with consumer:
-        wait_until(lambda: consumer.stats.processed + consumer.stats.deduplicated == 3, 30, "three records")
+        wait_for(lambda: consumer.stats.processed + consumer.stats.deduplicated == 3, 30, "three records")
     assert handled == ["payment-1", "payment-2"]
     assert consumer.stats.deduplicated == 1
     assert committed(bootstrap, group_id, topic) == [3]
@@ -242,9 +242,9 @@ def test_second_consumer_joining_loses_nothing_and_repeats_nothing(
     second = KafkaConsumer(config(bootstrap, group_id, **settings), topic, handler_for("second"),
                            retry_topics=False)
     with first:
-        wait_until(lambda: len(processed) >= 40, 30, "the first consumer to get going")
+        wait_for(lambda: len(processed) >= 40, 30, "the first consumer to get going")
         with second:
-            wait_until(lambda: len({mid for _, mid in processed}) >= total, 60, "every record")
+            wait_for(lambda: len({mid for _, mid in processed}) >= total, 60, "every record")
             assert second.assignment(), "the second consumer got partitions"
             assert len(first.assignment()) < 4, "the first consumer gave partitions up"
     counts = Counter(mid for _, mid in processed)
@@ -263,10 +263,10 @@ def test_consumer_started_before_its_topic_exists_gets_the_first_message_promptl
     seen: list[bytes] = []
     consumer = KafkaConsumer(config(bootstrap, group_id), topic, lambda m: seen.append(m.body))
     with consumer:
-        wait_until(lambda: bool(consumer.assignment()), 30, "the consumer to own partitions")
+        wait_for(lambda: bool(consumer.assignment()), 30, "the consumer to own partitions")
         began = time.monotonic()
         publish(bootstrap, topic, [b"first"])
-        wait_until(lambda: seen == [b"first"], 15, "the first message")
+        wait_for(lambda: seen == [b"first"], 15, "the first message")
     assert time.monotonic() - began < 15
 
 
@@ -293,4 +293,4 @@ def test_a_new_consumer_owns_its_retry_topics_at_once(
                              retry=RetryPolicy(max_attempts=4, initial_delay=0.1, jitter=0.0))
     wanted = {topic, f"{topic}.retry.1", f"{topic}.retry.2", f"{topic}.retry.3"}
     with consumer:
-        wait_until(lambda: {tp[0] for tp in consumer.assignment()} >= wanted, 8, "the source and retry topics")
+        wait_for(lambda: {tp[0] for tp in consumer.assignment()} >= wanted, 8, "the source and retry topics")

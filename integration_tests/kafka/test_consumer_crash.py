@@ -32,9 +32,9 @@ from pathlib import Path
 import pytest
 
 from reliable_messaging import KafkaProducer, KafkaProducerConfig
-from reliable_messaging.testing import KafkaEndpoint
+from reliable_messaging.testing import KafkaEndpoint, wait_for
 
-from ._helpers import make_topic, wait_until
+from ._helpers import make_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -126,14 +126,14 @@ def crash_and_restart(tmp_path: Path, bootstrap: str, topic: str, group: str, mo
     try:
         first.start()
         first.wait_assigned()
-        wait_until(lambda: len(read_processed(first.out).lines) >= kill_after, 60, f"{kill_after} records")
+        wait_for(lambda: len(read_processed(first.out).lines) >= kill_after, 60, f"{kill_after} records")
         killed_at = first.kill()
         before_kill = len(read_processed(first.out).lines)
         assert before_kill < TOTAL, "the kill must land mid-stream"
         second.start()
         second.wait_assigned()
         if finish:
-            wait_until(lambda: set(read_processed(second.out).counts) >= set(ids), 60,
+            wait_for(lambda: set(read_processed(second.out).counts) >= set(ids), 60,
                        f"every id after the restart\n{second.logs()}")
         else:
             # Give the restarted consumer time to fetch whatever its committed offsets leave.

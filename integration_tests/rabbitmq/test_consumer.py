@@ -24,9 +24,9 @@ from reliable_messaging import (
     Reject,
     RetryPolicy,
 )
-from reliable_messaging.testing import RabbitMQEndpoint
+from reliable_messaging.testing import RabbitMQEndpoint, wait_for
 
-from ._helpers import Admin, wait_for
+from ._helpers import Admin
 
 pytestmark = [pytest.mark.rabbitmq]
 

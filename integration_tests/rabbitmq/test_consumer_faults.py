@@ -21,10 +21,10 @@ from reliable_messaging import (
     RabbitMQTopology,
     RetryPolicy,
 )
-from reliable_messaging.testing import RabbitMQEndpoint
+from reliable_messaging.testing import RabbitMQEndpoint, wait_for
 from reliable_messaging.testing.plugin import ProxiedEndpoint
 
-from ._helpers import Admin, wait_for
+from ._helpers import Admin
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.fault]
 

@@ -28,10 +28,10 @@ from reliable_messaging import (
     RetryPolicy,
     Unroutable,
 )
-from reliable_messaging.testing import RabbitMQEndpoint
+from reliable_messaging.testing import RabbitMQEndpoint, wait_for
 from reliable_messaging.testing.plugin import ProxiedEndpoint
 
-from ._helpers import Admin, wait_for
+from ._helpers import Admin
 
 pytestmark = [pytest.mark.rabbitmq]
 

@@ -4,7 +4,7 @@
   ``pytest11`` entry point): broker endpoints, per-test names, fault fixtures.
 - :mod:`reliable_messaging.testing.brokers`: start real brokers on this machine
   without Docker (``python -m reliable_messaging.testing.brokers up``).
-- :class:`TcpProxy`: cut live TCP connections.
+- :class:`TcpProxy`: cut live TCP connections; :func:`wait_for`: poll a condition under a deadline.
 
 Importing this package does not import pytest and starts nothing.
 """
@@ -23,6 +23,7 @@ from ._endpoints import (
 )
 from ._local import BrokerSetupError
 from ._proxy import TcpProxy
+from ._wait import wait_for
 
 __all__ = [
     "BrokerNode",
@@ -37,4 +38,5 @@ __all__ = [
     "resolve_kafka_cluster",
     "resolve_rabbitmq",
     "resolve_redis",
+    "wait_for",
 ]
