@@ -14,11 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from reliable_messaging import (
-    ClaimResult,
     ClosedError,
     CommitMode,
     ConfigurationError,
-    DedupStore,
     DeliveryFailed,
     DeliveryTimeout,
     InvalidMessage,
@@ -26,6 +24,7 @@ from reliable_messaging import (
     KafkaConsumerConfig,
     KafkaProducer,
     KafkaProducerConfig,
+    MemoryDedupStore,
     MessageTooLarge,
     RetryPolicy,
 )
@@ -160,31 +159,16 @@ def test_librdkafka_rejecting_the_configuration_is_a_configuration_error() -> No
 # -- consumer ---------------------------------------------------------------------------------
 
 
-class MemoryDedup(DedupStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.done: set[str] = set()
-
-    def claim(self, key: str) -> ClaimResult:
-        return ClaimResult.DONE if key in self.done else ClaimResult.ACQUIRED
-
-    def mark_done(self, key: str) -> None:
-        self.done.add(key)
-
-    def release(self, key: str) -> None:
-        self.done.discard(key)
-
-
 def consumer_config(**kwargs: object) -> KafkaConsumerConfig:
     return KafkaConsumerConfig(bootstrap_servers=NOWHERE, group_id="g", **kwargs)  # type: ignore[arg-type]
 
 
 def test_auto_commit_with_dedup_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="commit_mode='auto' cannot be combined with a dedup store") as info:
-        KafkaConsumer(consumer_config(commit_mode="auto"), "t", lambda m: None, dedup=MemoryDedup())
+        KafkaConsumer(consumer_config(commit_mode="auto"), "t", lambda m: None, dedup=MemoryDedupStore())
     assert info.value.field == "dedup"
     consumer = KafkaConsumer(consumer_config(commit_mode=CommitMode.MANUAL), "t", lambda m: None,
-                             dedup=MemoryDedup())
+                             dedup=MemoryDedupStore())
     consumer.stop()
 
 

@@ -13,14 +13,13 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from reliable_messaging import (
-    ClaimResult,
     CommitMode,
-    DedupStore,
     KafkaConsumer,
     KafkaConsumerConfig,
     KafkaMessage,
     KafkaProducer,
     KafkaProducerConfig,
+    MemoryDedupStore,
     Reject,
     RetryPolicy,
 )
@@ -175,25 +174,6 @@ def test_async_handler_and_position_ids_for_foreign_records(
     assert message.timestamp is not None and abs(message.timestamp - time.time()) < 60
 
 
-class MemoryDedup(DedupStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.done: set[str] = set()
-        self.lock = threading.Lock()
-
-    def claim(self, key: str) -> ClaimResult:
-        with self.lock:
-            return ClaimResult.DONE if key in self.done else ClaimResult.ACQUIRED
-
-    def mark_done(self, key: str) -> None:
-        with self.lock:
-            self.done.add(key)
-
-    def release(self, key: str) -> None:
-        with self.lock:
-            self.done.discard(key)
-
-
 def test_dedup_skips_a_resent_message_id(kafka_endpoint: KafkaEndpoint, topic: str, group_id: str) -> None:
     bootstrap = kafka_endpoint.bootstrap_servers
     make_topic(bootstrap, topic)
@@ -203,7 +183,7 @@ def test_dedup_skips_a_resent_message_id(kafka_endpoint: KafkaEndpoint, topic: s
     publish(bootstrap, topic, [b"pay 20"], message_id="payment-2")
     handled: list[str] = []
     consumer = KafkaConsumer(config(bootstrap, group_id, commit_mode=CommitMode.MANUAL), topic,
-                             lambda m: handled.append(m.message_id), dedup=MemoryDedup())
+                             lambda m: handled.append(m.message_id), dedup=MemoryDedupStore())
     with consumer:
         wait_for(lambda: consumer.stats.processed + consumer.stats.deduplicated == 3, 30, "three records")
     assert handled == ["payment-1", "payment-2"]

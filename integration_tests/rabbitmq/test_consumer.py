@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 
 from reliable_messaging import (
-    ClaimResult,
     ConfigurationError,
     ConsumerCancelled,
-    DedupStore,
+    MemoryDedupStore,
     RabbitMQAckMode,
     RabbitMQConsumer,
     RabbitMQConsumerConfig,
@@ -223,20 +222,6 @@ def test_batch_handler_acks_with_multiple_and_retries_a_failed_batch(
 def test_async_handler_and_dedup_store_skip_a_duplicate(
     rabbitmq_endpoint: RabbitMQEndpoint, admin: Admin, queue_name: str, connection_name: str
 ) -> None:
-    class MemoryStore(DedupStore):
-        def __init__(self) -> None:
-            super().__init__()
-            self.done: set[str] = set()
-
-        def claim(self, key: str) -> ClaimResult:
-            return ClaimResult.DONE if key in self.done else ClaimResult.ACQUIRED
-
-        def mark_done(self, key: str) -> None:
-            self.done.add(key)
-
-        def release(self, key: str) -> None:
-            pass
-
     topology = RabbitMQTopology.work_queue(queue_name)
     admin.declare(topology)
     admin.cleanup(queues=_retry_queues(queue_name, 5))
@@ -246,7 +231,7 @@ def test_async_handler_and_dedup_store_skip_a_duplicate(
         handled.append(message.message_id)
 
     consumer = RabbitMQConsumer(_config(rabbitmq_endpoint.url, connection_name), queue_name, handler,
-                                dedup=MemoryStore(), topology=topology)
+                                dedup=MemoryDedupStore(), topology=topology)
     with consumer:
         admin.publish(queue_name, queue_name, [b"a", b"a again", b"b"], message_ids=["A", "A", "B"])
         wait_for(lambda: consumer.stats.processed + consumer.stats.deduplicated == 3, 20, "three deliveries")
