@@ -118,6 +118,20 @@ class FacadeContract:
         assert second.bodies() == [b"after the restart"]
 
     @pytest.mark.timeout(90)
+    def test_closing_the_broker_stops_its_consumers_and_settles_publishes(self, url: str, unique_name: str) -> None:
+        recorder = Recorder()
+        broker = connect(url, name=unique_name, **self.settings)
+        consumer = self.started(broker, unique_name, recorder)
+        futures = [broker.publish(unique_name, f"{i}") for i in range(50)]
+        wait_for(lambda: len(recorder.seen) >= 1, 60, "the consumer to run")
+        assert consumer.running
+        broker.close()
+        assert not consumer.running
+        assert all(f.done() for f in futures), "close() settles every pending publish"
+        with pytest.raises(rm.ClosedError):
+            broker.publish(unique_name, b"after close")
+
+    @pytest.mark.timeout(90)
     def test_retry_signal_delivers_again_with_the_next_attempt(self, broker: Broker, unique_name: str) -> None:
         def script(message: Message) -> None:
             if message.attempt == 1:
