@@ -6,9 +6,9 @@ The handler appends each message id it runs for to LOG_PATH (fsync'd), so the te
 handler runs across processes. With ``--crash-after N`` the process SIGKILLs itself right after
 the group commit holding the N-th done record (the consumers use the store's pipelined path):
 the message is recorded as done in SQLite, but its ack/commit was never sent (it waits for that
-commit's future, which never resolves), so the broker delivers it again to the next consumer. Without it, the process stops
-once LOG_PATH holds EXPECT ids and at least one duplicate was recognised, and prints its stats as
-JSON on stdout.
+commit's future, which never resolves), so the broker delivers it again to the next consumer.
+Without it, the process stops once LOG_PATH holds EXPECT ids and at least one duplicate was
+recognised, and prints its stats as JSON on stdout.
 """
 
 from __future__ import annotations
