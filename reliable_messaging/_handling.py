@@ -37,7 +37,7 @@ from ._errors import Reject, Retry, StoreUnavailable
 from ._message import Message
 from ._retry import RetryPolicy
 
-__all__ = ["ConsumerStats", "Disposition", "HandlerRunner", "Outcome"]
+__all__ = ["ConsumerStats", "Disposition", "HandlerRunner", "MessageIdKey", "Outcome"]
 
 logger = logging.getLogger("reliable_messaging.consumer")
 
@@ -136,7 +136,10 @@ class HandlerRunner(Generic[M]):
         self.stats = ConsumerStats()
         # A pipelined store (SQLite) is used through its non-blocking methods: see Outcome.durable.
         self.pipelined = dedup is not None and dedup.pipelined
-        self.prefetches = self.pipelined and dedup_key is None
+        self.key_prefix: str | None = "" if dedup_key is None else (
+            dedup_key.prefix if isinstance(dedup_key, MessageIdKey) else None)
+        """The dedup key is ``key_prefix + message id`` (None: another key function)."""
+        self.prefetches = self.pipelined and self.key_prefix is not None
         """Whether :meth:`prefetch_keys` helps: a pipelined store keyed by the message id, which a
         consumer can read from a raw record before building the message."""
         self._unflushed = False
@@ -309,6 +312,26 @@ class HandlerRunner(Generic[M]):
             self._loop.close()
             self._own_loop_thread = None
             self._loop = None
+
+
+class MessageIdKey:
+    """A dedup key function: ``prefix`` + the message id ("" for a message without one: no dedup).
+
+    The runner recognises it, so a consumer can compute the keys of a fetched batch from its raw
+    records and :meth:`HandlerRunner.prefetch_keys` them before building the messages.
+    """
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+
+    def __call__(self, message: Message) -> str:
+        message_id = message.message_id
+        return self.prefix + message_id if message_id else ""
+
+    def __repr__(self) -> str:
+        return f"MessageIdKey({self.prefix!r})"
 
 
 async def _await(awaitable: Any) -> Any:

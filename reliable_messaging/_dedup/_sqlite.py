@@ -457,11 +457,25 @@ class SQLiteDedupStore(DedupStore):
         lookup or one ``SELECT``. ``DONE`` only once the done record is durable (a queued one is
         waited for, at most ``timeout`` seconds, then StoreUnavailable).
         """
-        _check_deferred_key(key)
+        if key.__class__ is not str or not key or not key.isascii():
+            _check_deferred_key(key)
         token = self._token()
         now = self._clock()
         with self._mutex:
             self._check_open()
+            # The common case inlined (a consumer's hot path): a key this process has no state for,
+            # absent from the file at the batch's prefetch, and no group commit since that wrote it.
+            if key not in self._claims and key not in self._queued_done and key not in self._writing \
+                    and key not in self._unwritten:
+                seq, rows = self._ahead
+                if rows.get(key, _MISSING) is None and (
+                        seq == self._commit_seq or self._durable_since(key, seq) is False):
+                    del rows[key]
+                    self._claims[key] = [token, now + self.lease, False]
+                    self._queued_claims.add(key)
+                    if not self._queued_at:
+                        self._first_queued()
+                    return ClaimResult.ACQUIRED
             result = self._local_claim(key, token, now)
             if result is None:
                 seq, row = self._lookahead_pop(key)
@@ -486,22 +500,26 @@ class SQLiteDedupStore(DedupStore):
         The future (shared by every key of the commit) resolves once the record is durable, or fails
         with StoreUnavailable (ClosedError if the store closed first). Does not block.
         """
-        _check_deferred_key(key)
+        if key.__class__ is not str or not key or not key.isascii():
+            _check_deferred_key(key)
         with self._mutex:
             self._check_open()
             if self._claims.pop(key, None) is not None:
                 self._queued_claims.discard(key)  # the done row replaces it
-            self._forget_lookahead(key)
-            if key in self._queued_done:
+            self._ahead[1].pop(key, None)  # a lookahead answer for it is stale from now on
+            self._ahead_before[1].pop(key, None)
+            queued = self._queued_done
+            if key in queued:
                 return self._batch
             writing = self._writing_future
             if writing is not None and key in self._writing:
                 return writing
-            self._unwritten.discard(key)
-            self._queued_done.add(key)
+            if self._unwritten:
+                self._unwritten.discard(key)
+            queued.add(key)
             if not self._queued_at:
                 self._first_queued()
-            elif len(self._queued_done) >= self.group_commit_size:
+            elif len(queued) >= self.group_commit_size:
                 self._state.notify()
             return self._batch
 

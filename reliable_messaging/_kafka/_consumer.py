@@ -403,7 +403,8 @@ class KafkaConsumer:
         deferred.clear()
         stop = self._stop
         if self._prefetch:  # a pipelined dedup store looks the batch's message ids up at once
-            self._runner.prefetch_keys([_record_id(raw) for raw in records if raw.error() is None])
+            prefix = self._runner.key_prefix or ""
+            self._runner.prefetch_keys([prefix + _record_id(raw) for raw in records if raw.error() is None])
         for raw in records:
             if stop.is_set():
                 return  # the rest is neither processed nor committed: the next owner reads it again
