@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ._dedup import DedupStore, SQLiteDedupStore
 from ._errors import ClosedError, ConfigurationError
-from ._handling import ConsumerStats
+from ._handling import ConsumerStats, MessageIdKey
 from ._message import DeliveryFuture, OutgoingHeaders
 from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
@@ -316,7 +316,7 @@ class KafkaBroker(Broker):
 
         config = KafkaConsumerConfig(bootstrap_servers=self.bootstrap_servers, group_id=group,
                                      **self._consumer_settings)
-        key = dedup_key or (lambda m: f"{group}/{m.message_id}")
+        key = dedup_key or MessageIdKey(f"{group}/")  # recognised by the consumer: ids prefetched per batch
         return KafkaConsumer(config, source, handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=key,
                              loop=loop)
 
@@ -421,7 +421,7 @@ class RabbitMQBroker(Broker):
 
         settings = {"connection_name": f"{self.name} consumer {source}", **self._consumer_settings}
         config = RabbitMQConsumerConfig(url=self.url, **settings)
-        key = dedup_key or (lambda m: f"{source}/{m.message_id}" if m.message_id else "")
+        key = dedup_key or MessageIdKey(f"{source}/")
         return RabbitMQConsumer(config, source, handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=key,
                                 loop=loop, topology=self.topology(source))
 

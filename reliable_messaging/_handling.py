@@ -27,7 +27,8 @@ import enum
 import inspect
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -36,7 +37,7 @@ from ._errors import Reject, Retry, StoreUnavailable
 from ._message import Message
 from ._retry import RetryPolicy
 
-__all__ = ["ConsumerStats", "Disposition", "HandlerRunner", "Outcome"]
+__all__ = ["ConsumerStats", "Disposition", "HandlerRunner", "MessageIdKey", "Outcome"]
 
 logger = logging.getLogger("reliable_messaging.consumer")
 
@@ -58,6 +59,13 @@ class Outcome:
     ``delay``: seconds before the retry. ``counts_attempt`` is False when the
     handler did not run (the dedup store was unavailable, or another consumer
     holds the claim), so that bounce does not use up the message's attempts.
+
+    ``durable``: with a pipelined dedup store (:attr:`DedupStore.pipelined`), the
+    future of the group commit holding this message's done record (shared by the
+    messages of one commit). The consumer acknowledges the message (RabbitMQ
+    basic.ack, Kafka offset counted as processed) only once it resolved; if it
+    failed, the done record is not stored and the message is handed back
+    (nack/requeue, or the Kafka partition rewound) instead.
     """
 
     disposition: Disposition
@@ -66,6 +74,7 @@ class Outcome:
     error: BaseException | None = None
     deduplicated: bool = False
     counts_attempt: bool = True
+    durable: Future[None] | None = None
 
 
 ACKED = Outcome(Disposition.ACK)
@@ -125,6 +134,17 @@ class HandlerRunner(Generic[M]):
         self.dedup = dedup
         self.dedup_key: Callable[[M], str] = dedup_key or _message_id_key
         self.stats = ConsumerStats()
+        # A pipelined store (SQLite) is used through its non-blocking methods: see Outcome.durable.
+        self.pipelined = dedup is not None and dedup.pipelined
+        self.key_prefix: str | None = "" if dedup_key is None else (
+            dedup_key.prefix if isinstance(dedup_key, MessageIdKey) else None)
+        """The dedup key is ``key_prefix + message id`` (None: another key function)."""
+        self.prefetches = self.pipelined and self.key_prefix is not None
+        """Whether :meth:`prefetch_keys` helps: a pipelined store keyed by the message id, which a
+        consumer can read from a raw record before building the message."""
+        self._unflushed = False
+        self._last_durable: Future[None] | None = None
+        self._last_outcome = ACKED
         self._loop = loop
         self._own_loop_thread: threading.Thread | None = None
         self._warned_no_key = False
@@ -159,7 +179,7 @@ class HandlerRunner(Generic[M]):
                     self._warned_no_key = True
             else:
                 try:
-                    claim = self.dedup.claim(key)
+                    claim = self.dedup.claim_deferred(key) if self.pipelined else self.dedup.claim(key)
                 except StoreUnavailable as exc:
                     logger.warning("dedup store unavailable (%s): message %s handed back", exc, key)
                     logger.debug("dedup store failure", exc_info=exc)
@@ -176,6 +196,8 @@ class HandlerRunner(Generic[M]):
                 self._release(key)
             return self._failed(message, exc)
         if key and self.dedup is not None:
+            if self.pipelined:
+                return self._mark_done_deferred(key)
             try:
                 self.dedup.mark_done(key)
             except StoreUnavailable as exc:
@@ -184,6 +206,39 @@ class HandlerRunner(Generic[M]):
                                key, exc)
         self.stats.processed += 1
         return ACKED
+
+    def _mark_done_deferred(self, key: str) -> Outcome:
+        """Queue the done record; the ACK outcome carries its future (the consumer waits for it)."""
+        assert self.dedup is not None
+        try:
+            durable = self.dedup.mark_done_deferred(key)
+        except StoreUnavailable as exc:
+            logger.warning("could not record message %s as done (%s); a duplicate would be reprocessed", key, exc)
+            self.stats.processed += 1
+            return ACKED
+        self.stats.processed += 1
+        self._unflushed = True
+        if durable is self._last_durable:  # the same group commit as the previous message: one Outcome
+            return self._last_outcome
+        outcome = Outcome(Disposition.ACK, durable=durable)
+        self._last_durable, self._last_outcome = durable, outcome
+        return outcome
+
+    def prefetch(self, messages: Sequence[M]) -> None:
+        """A pipelined store looks up the dedup keys of a batch about to be invoked in one round trip."""
+        if self.pipelined and messages:
+            self.prefetch_keys([self.dedup_key(m) for m in messages])
+
+    def prefetch_keys(self, keys: Iterable[str]) -> None:
+        """As :meth:`prefetch`, with the keys already known (Kafka reads message ids from raw records)."""
+        if self.pipelined and self.dedup is not None:
+            self.dedup.prefetch(keys)
+
+    def flush(self) -> None:
+        """The consumer is idle (nothing fetched): ask a pipelined store to commit what is queued now."""
+        if self._unflushed and self.dedup is not None:
+            self._unflushed = False
+            self.dedup.flush()
 
     def _call(self, message: M) -> None:
         result = self.handler(message)
@@ -257,6 +312,26 @@ class HandlerRunner(Generic[M]):
             self._loop.close()
             self._own_loop_thread = None
             self._loop = None
+
+
+class MessageIdKey:
+    """A dedup key function: ``prefix`` + the message id ("" for a message without one: no dedup).
+
+    The runner recognises it, so a consumer can compute the keys of a fetched batch from its raw
+    records and :meth:`HandlerRunner.prefetch_keys` them before building the messages.
+    """
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+
+    def __call__(self, message: Message) -> str:
+        message_id = message.message_id
+        return self.prefix + message_id if message_id else ""
+
+    def __repr__(self) -> str:
+        return f"MessageIdKey({self.prefix!r})"
 
 
 async def _await(awaitable: Any) -> Any:

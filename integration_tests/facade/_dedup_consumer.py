@@ -4,10 +4,11 @@
 
 The handler appends each message id it runs for to LOG_PATH (fsync'd), so the test can count
 handler runs across processes. With ``--crash-after N`` the process SIGKILLs itself right after
-the N-th ``mark_done`` returned: the message is recorded as done in SQLite, but its ack/commit was
-never sent, so the broker delivers it again to the next consumer. Without it, the process stops
-once LOG_PATH holds EXPECT ids and at least one duplicate was recognised, and prints its stats as
-JSON on stdout.
+the group commit holding the N-th done record (the consumers use the store's pipelined path):
+the message is recorded as done in SQLite, but its ack/commit was never sent (it waits for that
+commit's future, which never resolves), so the broker delivers it again to the next consumer.
+Without it, the process stops once LOG_PATH holds EXPECT ids and at least one duplicate was
+recognised, and prints its stats as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -18,23 +19,40 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 from reliable_messaging import Message, RetryPolicy, SQLiteDedupStore, connect
 
 
 class CrashingStore(SQLiteDedupStore):
-    """A real SQLite store whose process dies right after the N-th mark_done: a crash injected at one point."""
+    """A real SQLite store whose process dies once the N-th done record is durable: a crash injected at one point.
+
+    The N-th ``mark_done_deferred`` then waits for its own group commit (as a synchronous
+    ``mark_done`` would), so no later message's handler runs before the crash: the log holds
+    exactly the first N messages. The writer kills the process after that commit, before its
+    future resolves, so neither the ack nor the offset commit of the N-th message can be sent.
+    """
 
     def __init__(self, path: str, crash_after: int) -> None:
         super().__init__(path)
         self.crash_after = crash_after
         self.done = 0
+        self.crash_key: str | None = None
 
-    def mark_done(self, key: str) -> None:
-        super().mark_done(key)
+    def mark_done_deferred(self, key: str) -> Future[None]:
         self.done += 1
         if self.done == self.crash_after:
+            self.crash_key = key
+        future = super().mark_done_deferred(key)
+        if self.done == self.crash_after:
+            self.flush()
+            future.result(timeout=30)  # never returns: the writer kills the process first
+            raise AssertionError("the process should have been killed")
+        return future
+
+    def _after_group_commit(self, keys: frozenset[str] | set[str]) -> None:
+        if self.crash_key is not None and self.crash_key in keys:
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -48,6 +48,18 @@ class Recorder:
             return [m.body for m in self.seen]
 
 
+class PausedWriterStore(rm.SQLiteDedupStore):
+    """A real SQLite store whose writer thread waits before each group commit until ``resume`` is set:
+    handled messages' done records stay pending (not durable) as long as the test wants."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.resume = threading.Event()
+
+    def _before_group_commit(self) -> None:
+        self.resume.wait(60)
+
+
 class FacadeContract:
     """Tests every broker must pass through ``reliable_messaging.connect``."""
 

@@ -21,14 +21,28 @@ What this does *not* make atomic: the handler's own side effects and
 ``mark_done``. A crash after the handler's effects but before ``mark_done``
 runs the handler again on redelivery; handlers whose effects live in the same
 database can close that window by writing the key in their own transaction.
+
+*Pipelined stores.* A store whose every write is a durable commit (SQLite) would make
+the consumer wait for one commit per message. Such a store sets :attr:`DedupStore.pipelined`
+and offers a non-blocking path, which the handler runner then uses instead:
+:meth:`~DedupStore.claim_deferred` (answered from in-process state or one lookup; the claim
+reaches other processes with the store's next group commit), :meth:`~DedupStore.mark_done_deferred`
+(returns a future resolved once the done record is durable), :meth:`~DedupStore.prefetch`
+(look up a fetched batch's keys at once) and :meth:`~DedupStore.flush` (the consumer is idle:
+write now). The consumers then acknowledge a message only when its future has resolved, as a
+publisher waits for its confirms, so "done record durable before the broker acknowledgement"
+still holds. The defaults below make any store usable through that path.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Iterable
+from concurrent.futures import Future
+from typing import ClassVar
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, StoreUnavailable
 
 __all__ = ["DEFAULT_LEASE", "DEFAULT_TTL", "ClaimResult", "DedupStore"]
 
@@ -74,6 +88,45 @@ class DedupStore(abc.ABC):
     @abc.abstractmethod
     def release(self, key: str) -> None:
         """Give up this consumer's claim on ``key`` so a redelivery is processed."""
+
+    # -- the pipelined path (see the module docstring) ------------------------------------------
+
+    pipelined: ClassVar[bool] = False
+    """True if the store implements the deferred methods itself (the handler runner then uses
+    them); False: they fall back to the synchronous ones and the runner calls those directly."""
+
+    def claim_deferred(self, key: str) -> ClaimResult:
+        """:meth:`claim` for a consumer on the pipelined path.
+
+        A pipelined store may answer from what this process knows and publish the claim to other
+        processes later (with its next write). ``DONE`` is returned only for a key whose done record
+        is durable (a store waits for a pending one). Default: :meth:`claim`.
+        """
+        return self.claim(key)
+
+    def mark_done_deferred(self, key: str) -> Future[None]:
+        """Queue the done record of ``key``; the future resolves once it is durable.
+
+        The future fails with :class:`~reliable_messaging.StoreUnavailable` if the write failed.
+        Several keys may share one future (one group commit). Default: :meth:`mark_done` now, and
+        a future that is already resolved (or failed).
+        """
+        future: Future[None] = Future()
+        try:
+            self.mark_done(key)
+        except StoreUnavailable as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+        return future
+
+    def prefetch(self, keys: Iterable[str]) -> None:  # noqa: B027 - optional hook
+        """A hint: these keys are about to be claimed (a fetched batch); a store may look them up
+        in one round trip. It claims nothing. Default: nothing."""
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """A hint: the consumer is idle; write queued deferred records now, without waiting.
+        Default: nothing (nothing is queued)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores have nothing to close
         """Release resources (connections, files)."""

@@ -6,22 +6,42 @@ file recognise those duplicates. Several processes on one host may share the fil
 (SQLite locks it); consumers on several hosts need
 :class:`~reliable_messaging._dedup.RedisDedupStore` (SQLite over a network file
 system is not safe).
+
+Two ways to use it:
+
+* the synchronous contract (:meth:`SQLiteDedupStore.claim`, ``mark_done``, ``release``): every
+  call is one statement committed before it returns;
+* the pipelined path the consumers use (``claim_deferred``, ``mark_done_deferred``, ``prefetch``,
+  ``flush``): a writer thread group-commits claim and done rows, many messages per transaction,
+  and resolves a future per group commit; the consumer acknowledges a message to its broker only
+  once that future resolved, as a publisher waits for confirms.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
-from .._errors import ClosedError, ConfigurationError, StoreUnavailable
+from .._errors import ClosedError, ConfigurationError, InvalidMessage, StoreUnavailable
 from ._base import DEFAULT_LEASE, DEFAULT_TTL, ClaimResult, DedupStore
 from ._memory import ThreadTokens, check_key
 
-__all__ = ["DEFAULT_BUSY_TIMEOUT", "SQLiteDedupStore"]
+__all__ = [
+    "DEFAULT_BUSY_TIMEOUT",
+    "DEFAULT_GROUP_COMMIT_INTERVAL",
+    "DEFAULT_GROUP_COMMIT_SIZE",
+    "SQLiteDedupStore",
+]
 
 logger = logging.getLogger("reliable_messaging.dedup")
 
@@ -29,6 +49,15 @@ DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds an operation waits for another connection's write lock before
 :class:`~reliable_messaging.StoreUnavailable`: far above a dedup write (tens of
 microseconds), short enough that a stuck lock holder is reported, not waited on forever."""
+
+DEFAULT_GROUP_COMMIT_INTERVAL = 0.005
+"""Seconds the writer thread lets deferred records accumulate before it commits them (unless
+``group_commit_size`` of them are queued first, or the consumer said it is idle): the most a
+deferred acknowledgement waits for the store, and the delay with which other processes see a
+deferred claim."""
+
+DEFAULT_GROUP_COMMIT_SIZE = 1000
+"""Deferred done records that make the writer commit at once, without waiting for the interval."""
 
 _TABLE = "rm_dedup"
 
@@ -58,8 +87,31 @@ INSERT INTO {_TABLE} (key, owner, expires) VALUES (?1, NULL, ?2)
 ON CONFLICT (key) DO UPDATE SET owner = NULL, expires = excluded.expires
 """
 _RELEASE = f"DELETE FROM {_TABLE} WHERE key = ?1 AND owner = ?2"
-_SCAN = f"SELECT key, expires FROM {_TABLE} WHERE key > ?1 ORDER BY key LIMIT ?2"
-_DELETE_EXPIRED = f"DELETE FROM {_TABLE} WHERE key = ?1 AND expires <= ?2"
+_LOOKUP = f"SELECT owner, expires FROM {_TABLE} WHERE key = ?1"
+
+# The group commit's statements take a whole batch as one JSON parameter: one statement (one
+# sqlite3_step, so one release and re-acquisition of the GIL) per batch instead of one per row,
+# which matters when the consumer thread keeps the GIL busy. "WHERE true" is SQLite's required
+# disambiguation of an upsert after INSERT ... SELECT.
+_CLAIM_BATCH = f"""
+INSERT INTO {_TABLE} (key, owner, expires)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
+FROM json_each(?1) WHERE true
+ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires = excluded.expires
+WHERE {_TABLE}.expires <= ?2 OR {_TABLE}.owner = excluded.owner
+"""
+_MARK_DONE_BATCH = f"""
+INSERT INTO {_TABLE} (key, owner, expires) SELECT value, NULL, ?2 FROM json_each(?1) WHERE true
+ON CONFLICT (key) DO UPDATE SET owner = NULL, expires = excluded.expires
+"""
+_LOOKUP_BATCH = f"SELECT key, owner, expires FROM {_TABLE} WHERE key IN (SELECT value FROM json_each(?1))"
+
+# Cleanup: the next LIMIT keys after the cursor, walked inside SQLite (no row comes to Python).
+_SCAN_END = f"SELECT max(key), count(*) FROM (SELECT key FROM {_TABLE} WHERE key > ?1 ORDER BY key LIMIT ?2)"
+_DELETE_EXPIRED = f"""
+DELETE FROM {_TABLE} WHERE key IN (SELECT key FROM {_TABLE} WHERE key > ?1 ORDER BY key LIMIT ?2)
+AND expires <= ?3
+"""
 
 _CLEANUP_EVERY = 128
 """mark_done calls between two cleanup steps."""
@@ -79,6 +131,21 @@ _JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes: the log file is truncated back to this after a checkpoint, so it cannot keep a
 one-off peak's size forever."""
 
+_HISTORY = 64
+"""Recent commits whose done keys are remembered (see ``_durable_since``)."""
+
+_CLOSE_GRACE = 5.0
+"""Seconds close() waits for the writer beyond the busy timeout before giving up on it."""
+
+_WAIT = object()
+"""``_local_claim``: the key's done record is queued or being written: wait for it."""
+_MISSING = object()
+
+_Row = tuple[str | None, float] | None
+"""(owner, expires) of a key's row, None if it has none."""
+
+_EMPTY: frozenset[str] = frozenset()
+
 
 class SQLiteDedupStore(DedupStore):
     """Claims and done records in a SQLite file (WAL mode), shared by threads and processes.
@@ -88,11 +155,10 @@ class SQLiteDedupStore(DedupStore):
     :func:`time.time`), since records outlive the process; a clock jump shortens or lengthens
     leases and TTLs by the jump.
 
-    *Cost and durability.* Each call is one SQL statement in its own transaction, committed
-    before the call returns: a claim must be visible to other processes at once, and a done
-    record must be stored before the broker acknowledgement (the whole point of recording it).
-    The journal is a write-ahead log; with ``synchronous="NORMAL"`` (the default) a commit is
-    written to the log file but not fsynced — the log is fsynced at checkpoints. So:
+    *Cost and durability.* Each synchronous call is one SQL statement in its own transaction,
+    committed before the call returns. The journal is a write-ahead log; with
+    ``synchronous="NORMAL"`` (the default) a commit is written to the log file but not fsynced —
+    the log is fsynced at checkpoints. So:
 
     * a *process crash* (kill -9, OOM, an exception) loses nothing committed: the operating
       system has the data;
@@ -106,27 +172,53 @@ class SQLiteDedupStore(DedupStore):
     every commit so that done records survive power loss as well, costs ten times that or more,
     depending on the disk's fsync latency.
 
+    *The pipelined path* (what the consumers use, :attr:`pipelined` is True) takes those commits
+    off the consumer thread. A writer thread (started on first use) commits the queued claim and
+    done rows in one transaction every ``group_commit_interval`` seconds (5 ms), or as soon as
+    ``group_commit_size`` done records are queued, or when the consumer calls :meth:`flush`
+    because it is idle. :meth:`mark_done_deferred` returns the future of the group commit that
+    will hold the record (shared by all its keys); the consumer acknowledges the message to the
+    broker only once it resolved, so a crash at any point leaves either no acknowledgement or a
+    durable done record. :meth:`claim_deferred` answers from this process's state — its own
+    claims, done records queued or being written (it waits for those: ``DONE`` means durable),
+    the keys of the last group commits — or from one lookup (:meth:`prefetch` looks up a whole
+    fetched batch with one ``SELECT``). What the pipelined path gives up: **a claim becomes
+    visible to other processes only with the next group commit** (≤ ``group_commit_interval``
+    later), so two processes sharing the file may both run the handler for a message delivered
+    to both within that window (a claim row the writer finds already taken is logged).
+    Consumers racing on the same message ids belong on
+    :class:`~reliable_messaging._dedup.RedisDedupStore`. Within one process, claims are exact.
+    A group commit that fails (locked file, disk full) fails its future with
+    :class:`~reliable_messaging.StoreUnavailable`; the consumer then does not acknowledge those
+    messages (it rewinds or requeues them), and a later claim of such a key writes its done
+    record again before answering ``DONE``. The synchronous methods keep their meaning
+    alongside: :meth:`mark_done` still commits before returning, :meth:`claim` still takes the
+    key atomically across processes (after waiting for a pending deferred done record).
+
     *Ownership* is per store instance and thread, as in
     :class:`~reliable_messaging._dedup.MemoryDedupStore`: :meth:`release` frees only a claim
     this instance took on this thread; a thread re-claiming a key it holds gets ``ACQUIRED``.
 
-    *Threads and processes.* One connection, used under a lock: SQLite serialises writers
-    anyway, and a Python lock hands over in microseconds where SQLite's busy handler sleeps
-    in milliseconds. Other processes on the file wait for its write lock up to ``timeout``
+    *Threads and processes.* One write connection, used under a lock (by the synchronous calls
+    and the writer thread), and one read connection for lookups, which WAL mode lets proceed while
+    a write is in progress. Other processes on the file wait for its write lock up to ``timeout``
     seconds (SQLite's busy timeout), then the call raises
     :class:`~reliable_messaging.StoreUnavailable`, as does every other sqlite3 error (disk
     full, I/O error, a file that is not a database). The handler runner treats that as
     transient and hands the message back.
 
-    *Cleanup.* Expired rows are deleted a few at a time: every 128th :meth:`mark_done` looks at
-    the next 512 keys in key order and deletes those that lapsed, wrapping around at the end.
-    No call ever scans the whole table, so a week of records costs no latency spike.
+    *Cleanup.* Expired rows are deleted a few at a time: every 128th :meth:`mark_done` (and every
+    group commit of deferred ones, four rows per record) looks at the next 512 keys in key order
+    and deletes those that lapsed, wrapping around at the end. No call ever scans the whole table,
+    so a week of records costs no latency spike.
 
     *Schema.* Table ``rm_dedup(key TEXT PRIMARY KEY, owner TEXT, expires REAL) WITHOUT ROWID``;
     a done record is a row with ``owner`` NULL. A handler whose effects live in this same
     database can close the window between its effects and :meth:`mark_done` by inserting
     ``(key, NULL, now + ttl)`` in its own transaction.
     """
+
+    pipelined = True
 
     def __init__(
         self,
@@ -137,6 +229,8 @@ class SQLiteDedupStore(DedupStore):
         clock: Callable[[], float] = time.time,
         timeout: float = DEFAULT_BUSY_TIMEOUT,
         synchronous: str = "NORMAL",
+        group_commit_interval: float = DEFAULT_GROUP_COMMIT_INTERVAL,
+        group_commit_size: int = DEFAULT_GROUP_COMMIT_SIZE,
     ) -> None:
         super().__init__(lease=lease, ttl=ttl)
         if not isinstance(path, str | os.PathLike) or not os.fspath(path):
@@ -149,6 +243,13 @@ class SQLiteDedupStore(DedupStore):
             raise ConfigurationError(
                 f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}", field="synchronous"
             )
+        if isinstance(group_commit_interval, bool) or not isinstance(group_commit_interval, int | float) \
+                or not 0 <= group_commit_interval <= 1:
+            raise ConfigurationError(f"group_commit_interval must be a number of seconds in [0, 1], got "
+                                     f"{group_commit_interval!r}", field="group_commit_interval")
+        if isinstance(group_commit_size, bool) or not isinstance(group_commit_size, int) or group_commit_size < 1:
+            raise ConfigurationError(f"group_commit_size must be an int >= 1, got {group_commit_size!r}",
+                                     field="group_commit_size")
         if sqlite3.sqlite_version_info < (3, 24, 0):  # pragma: no cover - every supported Python ships newer
             raise ConfigurationError(
                 f"SQLiteDedupStore needs SQLite >= 3.24 (upsert), this Python has {sqlite3.sqlite_version}"
@@ -156,12 +257,48 @@ class SQLiteDedupStore(DedupStore):
         self.path = os.fspath(path)
         self.timeout = float(timeout)
         self.synchronous = synchronous.upper()
+        self.group_commit_interval = float(group_commit_interval)
+        self.group_commit_size = group_commit_size
         self._clock = clock
         self._token = ThreadTokens()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the write connection; taken before _state, never after it
         self._writes = 0
         self._cleanup_after = ""
         self._conn: sqlite3.Connection | None = self._connect()
+        self._json = _has_json(self._conn)
+        # Lookups run on their own connection: WAL readers do not wait for a group commit.
+        # ":memory:" is a new empty database per connection: there, lookups share the writer's.
+        self._reader_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
+        if self.path != ":memory:":
+            try:
+                self._reader = self._connect()
+            except StoreUnavailable:
+                self._conn.close()
+                raise
+
+        # The pipelined path's in-process state, guarded by _state (a condition the writer waits on).
+        self._mutex = threading.Lock()  # hot paths take the lock itself (cheaper than the Condition's wrapper)
+        self._state = threading.Condition(self._mutex)
+        self._closing = False
+        self._claims: dict[str, list[Any]] = {}
+        """Claims taken by claim_deferred, not yet done or released: key -> [token, expires, written]
+        (written: the writer took its row, so it may be in the file)."""
+        self._queued_claims: set[str] = set()  # claim rows for the next group commit
+        self._queued_done: set[str] = set()  # done rows for the next group commit ...
+        self._batch: Future[None] = Future()  # ... and the future they share
+        self._queued_at = 0.0  # time.monotonic() of the first record queued since the last commit; 0 if none
+        self._flush_requested = False
+        self._writing: frozenset[str] | set[str] = _EMPTY  # done rows of the commit in progress ...
+        self._writing_future: Future[None] | None = None  # ... and its future
+        self._unwritten: set[str] = set()  # done keys whose group commit failed (handler ran, not recorded)
+        self._commit_seq = 0  # commits of done records so far (group commits and mark_done calls)
+        self._history: deque[tuple[int, frozenset[str] | set[str]]] = deque(maxlen=_HISTORY)
+        # prefetch() results of the last two batches: key -> row, with the commit count at the lookup.
+        self._ahead: tuple[int, dict[str, _Row]] = (0, {})
+        self._ahead_before: tuple[int, dict[str, _Row]] = (0, {})
+        self._writer: threading.Thread | None = None
+        self._claim_conflicts = 0
 
     def __repr__(self) -> str:
         return f"SQLiteDedupStore({self.path!r}, lease={self.lease}, ttl={self.ttl}, synchronous={self.synchronous!r})"
@@ -196,23 +333,51 @@ class SQLiteDedupStore(DedupStore):
     def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
         return StoreUnavailable(f"SQLite dedup store {self.path!r}: {type(exc).__name__}: {exc}")
 
+    def _check_open(self) -> None:
+        """(_state held) ClosedError once close() began."""
+        if self._closing:
+            raise ClosedError(f"the SQLite dedup store {self.path!r} is closed")
+
+    # -- the synchronous contract -----------------------------------------------------------------------
+
     def claim(self, key: str) -> ClaimResult:
-        """Take ``key`` atomically across threads and processes (one upsert; see :class:`ClaimResult`)."""
+        """Take ``key`` atomically across threads and processes (one upsert; see :class:`ClaimResult`).
+
+        A key whose deferred done record is still queued or being written is waited for (``DONE``);
+        a deferred claim of another thread of this process, not yet in the file, is ``IN_PROGRESS``.
+        """
         check_key(key)
         token = self._token()
         with self._lock:
             conn = self._connection()
-            try:
-                for _ in range(3):
-                    now = self._clock()
-                    if conn.execute(_CLAIM, (key, token, now + self.lease, now)).rowcount:
-                        return ClaimResult.ACQUIRED
-                    row = conn.execute(_STATE, (key,)).fetchone()
-                    if row is not None:
-                        return ClaimResult.DONE if row[0] is None else ClaimResult.IN_PROGRESS
-                    # Deleted between the two statements (released or cleaned up): try again.
-            except sqlite3.Error as exc:
-                raise self._unavailable(exc) from exc
+            with self._mutex:  # held through the statement: no deferred claim slips in between
+                now = self._clock()
+                local = self._local_claim(key, token, now, renew=False)
+                if local is None or local is ClaimResult.ACQUIRED:
+                    result = self._claim_sql(conn, key, token)
+                    entry = self._claims.get(key)
+                    if entry is not None and entry[0] == token and result is ClaimResult.ACQUIRED:
+                        entry[1] = now + self.lease
+                        entry[2] = True  # our claim row is in the file now
+                    self._forget_lookahead(key)
+                    return result
+        if local is _WAIT:
+            return self._await_done(key)
+        assert isinstance(local, ClaimResult)
+        return local
+
+    def _claim_sql(self, conn: sqlite3.Connection, key: str, token: str) -> ClaimResult:
+        try:
+            for _ in range(3):
+                now = self._clock()
+                if conn.execute(_CLAIM, (key, token, now + self.lease, now)).rowcount:
+                    return ClaimResult.ACQUIRED
+                row = conn.execute(_STATE, (key,)).fetchone()
+                if row is not None:
+                    return ClaimResult.DONE if row[0] is None else ClaimResult.IN_PROGRESS
+                # Deleted between the two statements (released or cleaned up): try again.
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
         return ClaimResult.IN_PROGRESS  # pragma: no cover - three lost races in a row: let the runner retry
 
     def mark_done(self, key: str) -> None:
@@ -225,16 +390,35 @@ class SQLiteDedupStore(DedupStore):
                 conn.execute(_MARK_DONE, (key, now + self.ttl))
             except sqlite3.Error as exc:
                 raise self._unavailable(exc) from exc
+            with self._mutex:
+                if self._claims.pop(key, None) is not None:
+                    self._queued_claims.discard(key)
+                self._unwritten.discard(key)
+                self._forget_lookahead(key)
+                self._commit_seq += 1
+                self._history.append((self._commit_seq, {key}))
             self._writes += 1
             if self._writes >= _CLEANUP_EVERY:
                 self._writes = 0
                 self._cleanup(conn, now)
 
     def release(self, key: str) -> None:
-        """Delete this instance's and thread's claim on ``key``; anyone else's claim or a done record stays."""
+        """Delete this instance's and thread's claim on ``key``; anyone else's claim or a done record stays.
+
+        A deferred claim whose row never reached the file is dropped in memory only.
+        """
         check_key(key)
         token = self._token()
-        with self._lock:
+        with self._mutex:
+            self._check_open()
+            self._forget_lookahead(key)
+            entry = self._claims.get(key)
+            if entry is not None and entry[0] == token:
+                del self._claims[key]
+                self._queued_claims.discard(key)
+                if not entry[2]:
+                    return  # never written (the writer skips it now): nothing in the file to delete
+        with self._lock:  # after a group commit in progress, which may be writing our claim row
             conn = self._connection()
             try:
                 conn.execute(_RELEASE, (key, token))
@@ -246,26 +430,17 @@ class SQLiteDedupStore(DedupStore):
         with self._lock:
             return self._cleanup(self._connection(), self._clock())
 
-    def _cleanup(self, conn: sqlite3.Connection, now: float) -> int:
-        """Delete the expired rows among the next keys after the cursor (lock held).
+    def _cleanup(self, conn: sqlite3.Connection, now: float, limit: int = _CLEANUP_BATCH) -> int:
+        """Delete the expired rows among the next ``limit`` keys after the cursor (_lock held).
 
-        Its failure is not the caller's: the done record is committed, so a locked or failing
+        Its failure is not the caller's: the done records are committed, so a locked or failing
         cleanup is logged and left to the next step.
         """
         try:
-            rows = conn.execute(_SCAN, (self._cleanup_after, _CLEANUP_BATCH)).fetchall()
-            self._cleanup_after = rows[-1][0] if len(rows) == _CLEANUP_BATCH else ""
-            expired = [(key, now) for key, expires in rows if expires <= now]
-            if not expired:
-                return 0
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # expires is checked again: another process may have re-claimed the key meanwhile.
-                deleted = conn.executemany(_DELETE_EXPIRED, expired).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            last, count = conn.execute(_SCAN_END, (self._cleanup_after, limit)).fetchone()
+            # expires is checked in the DELETE: another process may have re-claimed a key meanwhile.
+            deleted: int = conn.execute(_DELETE_EXPIRED, (self._cleanup_after, limit, now)).rowcount
+            self._cleanup_after = last if count == limit else ""
         except sqlite3.Error as exc:
             logger.warning("SQLite dedup store %s: cleanup of expired records failed (%s); retried later",
                            self.path, exc)
@@ -273,9 +448,409 @@ class SQLiteDedupStore(DedupStore):
             return 0
         return deleted
 
+    # -- the pipelined path -------------------------------------------------------------------------------
+
+    def claim_deferred(self, key: str) -> ClaimResult:
+        """Claim ``key`` for this thread; the claim row reaches the file with the next group commit.
+
+        Answered from this process's state when it knows the key, else from :meth:`prefetch`'s
+        lookup or one ``SELECT``. ``DONE`` only once the done record is durable (a queued one is
+        waited for, at most ``timeout`` seconds, then StoreUnavailable).
+        """
+        if key.__class__ is not str or not key or not key.isascii():
+            _check_deferred_key(key)
+        token = self._token()
+        now = self._clock()
+        with self._mutex:
+            self._check_open()
+            # The common case inlined (a consumer's hot path): a key this process has no state for,
+            # absent from the file at the batch's prefetch, and no group commit since that wrote it.
+            if key not in self._claims and key not in self._queued_done and key not in self._writing \
+                    and key not in self._unwritten:
+                seq, rows = self._ahead
+                if rows.get(key, _MISSING) is None and (
+                        seq == self._commit_seq or self._durable_since(key, seq) is False):
+                    del rows[key]
+                    self._claims[key] = [token, now + self.lease, False]
+                    self._queued_claims.add(key)
+                    if not self._queued_at:
+                        self._first_queued()
+                    return ClaimResult.ACQUIRED
+            result = self._local_claim(key, token, now)
+            if result is None:
+                seq, row = self._lookahead_pop(key)
+                if seq >= 0:
+                    result = self._claim_from_row(key, row, seq, token, now)
+        while result is None:
+            seq = self._commit_seq  # read before the lookup: commits after it are checked in _history
+            row = self._lookup(key)
+            with self._mutex:
+                self._check_open()
+                result = self._local_claim(key, token, now)
+                if result is None:
+                    result = self._claim_from_row(key, row, seq, token, now)
+        if result is _WAIT:
+            return self._await_done(key)
+        assert isinstance(result, ClaimResult)
+        return result
+
+    def mark_done_deferred(self, key: str) -> Future[None]:
+        """Queue ``key``'s done record for the next group commit; returns that commit's future.
+
+        The future (shared by every key of the commit) resolves once the record is durable, or fails
+        with StoreUnavailable (ClosedError if the store closed first). Does not block.
+        """
+        if key.__class__ is not str or not key or not key.isascii():
+            _check_deferred_key(key)
+        with self._mutex:
+            self._check_open()
+            if self._claims.pop(key, None) is not None:
+                self._queued_claims.discard(key)  # the done row replaces it
+            self._ahead[1].pop(key, None)  # a lookahead answer for it is stale from now on
+            self._ahead_before[1].pop(key, None)
+            queued = self._queued_done
+            if key in queued:
+                return self._batch
+            writing = self._writing_future
+            if writing is not None and key in self._writing:
+                return writing
+            if self._unwritten:
+                self._unwritten.discard(key)
+            queued.add(key)
+            if not self._queued_at:
+                self._first_queued()
+            elif len(queued) >= self.group_commit_size:
+                self._state.notify()
+            return self._batch
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Look ``keys`` up with one ``SELECT``; their next :meth:`claim_deferred` uses the answer.
+
+        Claims nothing. A lookup that fails is logged at DEBUG and ignored (the claims then look
+        their keys up one by one, and report the failure).
+        """
+        wanted = [key for key in keys if key.__class__ is str and key]
+        if not wanted:
+            return
+        seq = self._commit_seq
+        try:
+            found = self._lookup_many(wanted)
+        except (StoreUnavailable, ValueError) as exc:  # ValueError: a key SQLite cannot take
+            logger.debug("dedup prefetch failed: %s", exc)
+            return
+        rows: dict[str, _Row] = dict.fromkeys(wanted)
+        rows.update(found)
+        with self._mutex:
+            self._ahead_before = self._ahead
+            self._ahead = (seq, rows)
+
+    def flush(self) -> None:
+        """Commit the queued deferred records now (the caller is idle); does not wait."""
+        with self._mutex:
+            if self._queued_at and not self._flush_requested:
+                self._flush_requested = True
+                self._state.notify()
+
+    # -- in-process state (all under _state) --------------------------------------------------------------
+
+    def _local_claim(self, key: str, token: str, now: float, *, renew: bool = True) -> object:
+        """What this process knows about ``key``: a ClaimResult, _WAIT, or None (ask the file)."""
+        if key in self._queued_done or key in self._writing or key in self._unwritten:
+            return _WAIT
+        entry = self._claims.get(key)
+        if entry is None:
+            return None
+        if entry[0] == token:
+            if renew:
+                entry[1] = now + self.lease
+                if entry[2]:  # its row is in the file: write the renewed lease too
+                    self._queued_claims.add(key)
+                    if not self._queued_at:
+                        self._first_queued()
+            return ClaimResult.ACQUIRED
+        if entry[1] > now:
+            return ClaimResult.IN_PROGRESS
+        return None  # another thread's claim lapsed: the file decides, and it may be taken over
+
+    def _claim_from_row(self, key: str, row: _Row, seq: int, token: str, now: float) -> object:
+        """Decide from ``row``, read when ``seq`` commits were done; None if it may be stale."""
+        since = self._durable_since(key, seq)
+        if since is None:
+            return None
+        if since:
+            return ClaimResult.DONE
+        if row is not None and row[1] > now:
+            if row[0] is None:
+                return ClaimResult.DONE
+            if row[0] != token:
+                return ClaimResult.IN_PROGRESS
+        self._claims[key] = [token, now + self.lease, False]
+        self._queued_claims.add(key)
+        if not self._queued_at:
+            self._first_queued()
+        return ClaimResult.ACQUIRED
+
+    def _durable_since(self, key: str, seq: int) -> bool | None:
+        """Whether a commit after the first ``seq`` wrote ``key``'s done record (None: too long ago to tell).
+
+        A lookup reads the file outside _state: a group commit may complete between the read and
+        its use, and the key then has no in-process trace left. The last commits' keys close that gap.
+        """
+        if self._commit_seq == seq:
+            return False
+        history = self._history
+        for committed, keys in reversed(history):
+            if committed <= seq:
+                return False
+            if key in keys:
+                return True
+        return False if history and history[0][0] == seq + 1 else None
+
+    def _lookahead_pop(self, key: str) -> tuple[int, _Row]:
+        seq, rows = self._ahead
+        row = rows.pop(key, _MISSING)
+        if row is _MISSING:
+            seq, rows = self._ahead_before
+            row = rows.pop(key, _MISSING)
+            if row is _MISSING:
+                return -1, None
+        return seq, row  # type: ignore[return-value]
+
+    def _forget_lookahead(self, key: str) -> None:
+        self._ahead[1].pop(key, None)
+        self._ahead_before[1].pop(key, None)
+
+    def _first_queued(self) -> None:
+        """The first record since the last group commit: start the interval (and the writer)."""
+        self._queued_at = time.monotonic()
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name=f"rm-sqlite-dedup-writer-{id(self):x}",
+                                            daemon=True)
+            self._writer.start()
+        self._state.notify()
+
+    def _await_done(self, key: str) -> ClaimResult:
+        """``key``'s done record is queued, being written, or failed to write: have it written, wait."""
+        for attempt in range(2):
+            with self._mutex:
+                self._check_open()
+                if key in self._unwritten:  # its group commit failed: queue it again
+                    self._unwritten.discard(key)
+                    self._queued_done.add(key)
+                    if not self._queued_at:
+                        self._first_queued()
+                if key in self._queued_done:
+                    future = self._batch
+                elif key in self._writing and self._writing_future is not None:
+                    future = self._writing_future
+                else:
+                    return ClaimResult.DONE  # written meanwhile
+                self._flush_requested = True  # someone waits: no point in lingering
+                self._state.notify()
+            try:
+                future.result(self.timeout + _CLOSE_GRACE)
+            except StoreUnavailable:
+                if attempt:
+                    raise
+                continue
+            except FutureTimeout as exc:
+                raise StoreUnavailable(f"SQLite dedup store {self.path!r}: the done record of {key!r} was not "
+                                       f"written within {self.timeout + _CLOSE_GRACE:.1f}s") from exc
+            return ClaimResult.DONE
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- lookups ------------------------------------------------------------------------------------------
+
+    def _lookup(self, key: str) -> _Row:
+        try:
+            if self._reader is None:
+                with self._lock:
+                    row = self._connection().execute(_LOOKUP, (key,)).fetchone()
+            else:
+                with self._reader_lock:
+                    reader = self._reader
+                    if reader is None:
+                        raise ClosedError(f"the SQLite dedup store {self.path!r} is closed")
+                    row = reader.execute(_LOOKUP, (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+        return None if row is None else (row[0], row[1])
+
+    def _lookup_many(self, keys: list[str]) -> dict[str, _Row]:
+        if not self._json:
+            return {key: row for key in keys if (row := self._lookup(key)) is not None}
+        try:
+            with self._reader_lock:
+                reader = self._reader
+                if reader is None:
+                    with self._lock:
+                        rows = self._connection().execute(_LOOKUP_BATCH, (_dumps(keys),)).fetchall()
+                else:
+                    rows = reader.execute(_LOOKUP_BATCH, (_dumps(keys),)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+        return {key: (owner, expires) for key, owner, expires in rows}
+
+    # -- the writer thread ----------------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        state = self._state
+        while True:
+            with state:
+                while True:
+                    queued = len(self._queued_done) + len(self._queued_claims)
+                    if not queued:
+                        if self._closing:
+                            return
+                        self._queued_at = 0.0
+                        state.wait()
+                        continue
+                    if self._flush_requested or self._closing or len(self._queued_done) >= self.group_commit_size:
+                        break
+                    remaining = self._queued_at + self.group_commit_interval - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    state.wait(remaining)
+            try:
+                self._group_commit()
+            except Exception as exc:  # a bug must not leave futures hanging forever
+                logger.error("SQLite dedup store %s: the writer failed: %s: %s", self.path, type(exc).__name__, exc)
+                logger.debug("writer failure", exc_info=exc)
+
+    def _group_commit(self) -> None:
+        """Write the queued claim and done rows in one transaction, then resolve their future."""
+        with self._lock:  # before _state: a release() either drops its claim first or deletes after us
+            conn = self._conn
+            with self._mutex:
+                done = self._queued_done
+                claim_keys = self._queued_claims
+                future = self._batch
+                self._queued_done, self._queued_claims, self._batch = set(), set(), Future()
+                self._queued_at = 0.0
+                self._flush_requested = False
+                self._writing, self._writing_future = done, future
+                claims = []
+                for key in claim_keys:
+                    entry = self._claims.get(key)
+                    if entry is not None:  # still claimed: not done (that row replaces it) nor released
+                        entry[2] = True
+                        claims.append((key, entry[0], entry[1]))
+            error: BaseException | None = None
+            if conn is None:
+                error = ClosedError(f"the SQLite dedup store {self.path!r} is closed")
+            elif claims or done:
+                try:
+                    self._before_group_commit()
+                    self._write(conn, claims, done)
+                except sqlite3.Error as exc:
+                    error = self._unavailable(exc)
+                except Exception as exc:  # noqa: BLE001 - e.g. a key SQLite cannot encode: fail the batch, not the writer
+                    error = StoreUnavailable(f"SQLite dedup store {self.path!r}: {type(exc).__name__}: {exc}")
+                else:
+                    self._after_group_commit(done)
+            with self._mutex:
+                self._writing, self._writing_future = _EMPTY, None
+                if error is None:
+                    if done:
+                        self._commit_seq += 1
+                        self._history.append((self._commit_seq, done))
+                else:
+                    self._unwritten |= done
+            if error is None and done and conn is not None:
+                self._writes += len(done)
+                if self._writes >= _CLEANUP_EVERY:
+                    self._cleanup(conn, self._clock(), max(_CLEANUP_BATCH, 4 * self._writes))
+                    self._writes = 0
+        if error is None:
+            future.set_result(None)
+        else:
+            logger.warning("SQLite dedup store %s: could not record %d messages as done (%s); they are not "
+                           "acknowledged", self.path, len(done), error)
+            future.set_exception(error)
+
+    def _write(self, conn: sqlite3.Connection, claims: list[tuple[str, str, float]], done: set[str]) -> None:
+        now = self._clock()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if claims:
+                if self._json:
+                    changed = conn.execute(_CLAIM_BATCH, (_dumps(claims), now)).rowcount
+                else:
+                    changed = conn.executemany(_CLAIM, [(k, t, e, now) for k, t, e in claims]).rowcount
+                if changed < len(claims):
+                    self._claim_conflicts += len(claims) - changed
+                    logger.warning("SQLite dedup store %s: %d claims were already taken by another process (claims "
+                                   "reach the file with the group commit; use RedisDedupStore for consumers racing "
+                                   "on the same ids)", self.path, len(claims) - changed)
+            if done:
+                expires = now + self.ttl
+                if self._json:
+                    conn.execute(_MARK_DONE_BATCH, (_dumps(list(done)), expires))
+                else:
+                    conn.executemany(_MARK_DONE, [(key, expires) for key in done])
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled it back itself
+                conn.execute("ROLLBACK")
+            raise
+
+    def _before_group_commit(self) -> None:
+        """Called by the writer thread before each group commit (_lock held). A seam for tests."""
+
+    def _after_group_commit(self, keys: frozenset[str] | set[str]) -> None:
+        """Called by the writer thread once ``keys``' done records are durable, before their future
+        resolves (_lock held). A seam for tests (e.g. a crash at exactly that point)."""
+
+    # -- closing --------------------------------------------------------------------------------------------
+
     def close(self) -> None:
-        """Close the connection; later calls raise :class:`~reliable_messaging.ClosedError`."""
+        """Commit what is queued, stop the writer, close the connections; later calls raise ClosedError.
+
+        Waits for the writer at most ``timeout`` + 5 seconds; futures still pending after that fail
+        with ClosedError.
+        """
+        with self._mutex:
+            self._closing = True
+            writer = self._writer
+            self._state.notify_all()
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(self.timeout + _CLOSE_GRACE)
+            if writer.is_alive():
+                logger.warning("SQLite dedup store %s: the writer did not finish within %.1fs", self.path,
+                               self.timeout + _CLOSE_GRACE)
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        with self._reader_lock:
+            reader, self._reader = self._reader, None
+        with self._mutex:
+            leftover = self._batch if (self._queued_done or self._queued_claims) else None
+            self._queued_done, self._queued_claims = set(), set()
+        if leftover is not None and not leftover.done():
+            leftover.set_exception(ClosedError(f"the SQLite dedup store {self.path!r} closed before the write"))
+        for connection in (conn, reader):
+            if connection is not None:
+                connection.close()
+
+
+def _check_deferred_key(key: object) -> None:
+    """check_key, plus: a key SQLite can store (a lone surrogate would fail its whole group commit)."""
+    check_key(key)
+    assert isinstance(key, str)
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidMessage(f"a dedup key must be encodable as UTF-8, got {key!r}") from exc
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _has_json(conn: sqlite3.Connection) -> bool:
+    """Whether this SQLite has the JSON functions (built in since 3.38, usually compiled in before)."""
+    try:
+        conn.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
+    except sqlite3.Error:
+        return False
+    return True

@@ -20,6 +20,11 @@ What the broker does, and what this consumer does about it:
   attempts are used up (or the handler raised Reject, or the record could not
   be decoded) it goes to ``<topic>.DLT`` with headers naming its origin and the
   error (see :mod:`._message`).
+- With a pipelined dedup store (SQLite), a handled record's done record is
+  written by the store's group commit after the handler returned: the record
+  counts as processed (so a commit can cover it) only once that commit is
+  durable. A failed write rewinds the partition to the record, as a failed
+  republish does; revoke and stop wait (bounded) for pending writes first.
 
 Threading: one thread (``start()``'s, or ``run()``'s caller) owns the
 librdkafka consumer and runs the handler, so records of a partition are handled
@@ -29,12 +34,16 @@ in order. ``stop()`` may be called from any thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
 import types
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -81,7 +90,15 @@ _DUE_TOLERANCE_MS = 5
 """A retry record due within this many milliseconds is processed now rather than paused for."""
 
 _REPUBLISH_BACKOFF = 1.0
-"""Seconds a partition stays paused after its record could not be republished (retry/DLT publish failed)."""
+"""Seconds a partition stays paused after its record could not be republished (retry/DLT publish failed),
+or its done record could not be stored."""
+
+_DURABLE_WAIT = 10.0
+"""Seconds revoke and stop wait for pending done records (a dedup store's group commits) before committing:
+above the SQLite store's busy timeout, so a slow write is waited for and a stuck one is not."""
+
+_DURABLE_POLL = 0.005
+"""Seconds consume() blocks at most while done records are pending, so their offsets are committed promptly."""
 
 _MAX_ERROR_TEXT = 4096
 """Characters of an error message kept in the dead-letter headers."""
@@ -187,7 +204,9 @@ class KafkaConsumer:
             handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=dedup_key, loop=loop,
         )
         self._decoding = decoder is not None
-        self._runner.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0})
+        self._runner.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0,
+                                         "durable_failures": 0})
+        self._prefetch = self._runner.prefetches
         self._levels = max(1, retry.max_attempts - 1)
         self._topics = names
         self._origin: dict[str, str] = {t: t for t in names}
@@ -227,6 +246,12 @@ class KafkaConsumer:
         self._in_flight: dict[TopicPartitionKey, int] | None = None
         self._in_flight_count = 0
         self._last_commit = time.monotonic()
+        # Records handled whose done record is not durable yet (pipelined dedup store): per group
+        # commit future, in the order the store resolves them; see _drain_durable.
+        self._durable: deque[tuple[Future[None], list[tuple[TopicPartitionKey, int]]]] = deque()
+        self._durable_count = 0
+        self._revoking: set[TopicPartitionKey] = set()
+        self._skip: set[TopicPartitionKey] = set()  # partitions rewound during the current batch
 
         self._stop = threading.Event()
         self._finished = threading.Event()
@@ -328,12 +353,17 @@ class KafkaConsumer:
             stop = self._stop
             while not stop.is_set():
                 timeout = self._resume_due()
+                if self._durable:
+                    self._drain_durable()
+                    if self._durable:
+                        timeout = min(timeout, _DURABLE_POLL)
                 if self._mode is CommitMode.MANUAL_BATCH:
                     self._commit_on_time()
                 # consume(n, timeout) waits until it has n records or the timeout passed: take what
                 # is there, and block only for the first record of an idle stream.
                 records = consume(self._fetch, 0)
                 if not records:
+                    self._runner.flush()  # idle: a pipelined dedup store commits what is queued now
                     records = consume(1, timeout)
                 if self._rebalanced:
                     # A rebalance was served inside this consume(): drop records of partitions this
@@ -369,8 +399,12 @@ class KafkaConsumer:
             logger.debug("topic creation failure", exc_info=exc)
 
     def _handle_batch(self, records: list[RawMessage]) -> None:
-        deferred: set[TopicPartitionKey] | None = None
+        deferred = self._skip
+        deferred.clear()
         stop = self._stop
+        if self._prefetch:  # a pipelined dedup store looks the batch's message ids up at once
+            prefix = self._runner.key_prefix or ""
+            self._runner.prefetch_keys([prefix + _record_id(raw) for raw in records if raw.error() is None])
         for raw in records:
             if stop.is_set():
                 return  # the rest is neither processed nor committed: the next owner reads it again
@@ -379,12 +413,12 @@ class KafkaConsumer:
                 self._on_fetch_error(err)
                 continue
             tp = (raw.topic() or "", raw.partition() or 0)
-            if deferred is not None and tp in deferred:
+            if deferred and tp in deferred:
                 continue  # its partition was rewound: these records come again
             if not self._handle(raw, tp):
-                if deferred is None:
-                    deferred = set()
                 deferred.add(tp)
+        if self._durable:
+            self._drain_durable()
 
     def _handle(self, raw: RawMessage, tp: TopicPartitionKey) -> bool:
         """Process one record; False if its partition was rewound to it (it will be read again)."""
@@ -414,7 +448,7 @@ class KafkaConsumer:
         ts_type, ts = raw.timestamp()
         message = new_kafka_message(body, value, message_id, raw.key(), headers, attempt, origin, topic, partition,
                                     offset, ts / 1000.0 if ts_type else None)
-        if self._bounded and self._in_flight_count + self._since_commit >= self._commit_every:
+        if self._bounded and self._in_flight_count + self._since_commit + self._durable_count >= self._commit_every:
             self._bound_uncommitted()
         if outcome is None:
             outcome = self._runner.invoke(message)
@@ -427,6 +461,15 @@ class KafkaConsumer:
             self.stats.extra["republish_failures"] += 1
             self._defer(tp, offset, _REPUBLISH_BACKOFF, "its retry/dead-letter publish failed")
             return False
+        durable = outcome.durable
+        if durable is not None:  # processed once the dedup store's group commit holding it is durable
+            pending = self._durable
+            if pending and pending[-1][0] is durable:
+                pending[-1][1].append((tp, offset))
+            else:
+                pending.append((durable, [(tp, offset)]))
+            self._durable_count += 1
+            return True
         self._processed(tp, offset)
         if self._bounded:  # MANUAL_BATCH, inlined: the common case
             self._since_commit += 1
@@ -546,6 +589,93 @@ class KafkaConsumer:
             return _POLL_TIMEOUT
         return max(0.0, min(_POLL_TIMEOUT, min(self._paused.values()) - now))
 
+    # -- done records of a pipelined dedup store ------------------------------------------------
+
+    def _drain_durable(self, wait: float = 0.0, *, settle: bool = True) -> None:
+        """Count as processed the records whose done records became durable, oldest first.
+
+        Waits up to ``wait`` seconds for pending ones (revoke, stop, the commit bound). A failed
+        write rewinds the record's partition to it (see :meth:`_durable_failed`). ``settle``: also
+        commit/store per mode (False when the caller commits everything next).
+        """
+        pending = self._durable
+        deadline = time.monotonic() + wait if wait > 0 else 0.0
+        while pending:
+            future, records = pending[0]
+            if not future.done():
+                remaining = deadline - time.monotonic() if deadline else 0.0
+                if remaining <= 0:
+                    if wait > 0:
+                        logger.warning("consumer %s: %d done records still not durable after %.1fs: their "
+                                       "offsets are not committed", self.config.group_id, self._durable_count, wait)
+                    return
+                self._runner.flush()
+                with contextlib.suppress(FutureTimeout):
+                    future.exception(remaining)
+                continue
+            pending.popleft()
+            self._durable_count -= len(records)
+            error = future.exception()
+            if error is not None:
+                self._durable_failed(records, error)
+            elif settle:
+                self._durable_done(records)
+            else:
+                processed = self._processed
+                for tp, offset in records:
+                    processed(tp, offset)
+
+    def _durable_done(self, records: list[tuple[TopicPartitionKey, int]]) -> None:
+        processed = self._processed
+        if self._bounded:
+            for tp, offset in records:
+                processed(tp, offset)
+            self._since_commit += len(records)
+            if self._in_flight is None and self._since_commit >= self._half:
+                self._commit_async()
+            return
+        tps: dict[TopicPartitionKey, None] = {}
+        for tp, offset in records:
+            processed(tp, offset)
+            tps[tp] = None
+        for tp in tps:  # MANUAL: one commit per partition and group commit, not per record
+            self._after_record(tp)
+
+    def _durable_failed(self, records: list[tuple[TopicPartitionKey, int]], error: BaseException) -> None:
+        """The records' done records were not stored: they are not processed. Rewind each partition to
+        its first such record (later records of it are read again too), as for a failed republish."""
+        self.stats.extra["durable_failures"] += len(records)
+        cut: dict[TopicPartitionKey, int] = {}
+        for tp, offset in records:
+            if tp not in cut or offset < cut[tp]:
+                cut[tp] = offset
+        self._purge_durable(cut)
+        logger.warning("consumer %s: %d done records could not be stored (%s); %s will be read again",
+                       self.config.group_id, len(records), error,
+                       ", ".join(f"{t}[{p}]@{o}" for (t, p), o in cut.items()))
+        if self._closed:
+            return  # stopping: not processed, so not committed; the next owner reads them
+        for tp, offset in cut.items():
+            if tp in self._revoking or tp not in self._assigned:
+                self._tracker.rewind(tp, offset)
+                continue  # going away: its next owner reads from the committed offset
+            self._defer(tp, offset, _REPUBLISH_BACKOFF, "its done record could not be stored")
+            self._skip.add(tp)
+
+    def _purge_durable(self, cut: Mapping[TopicPartitionKey, int]) -> None:
+        """Forget pending records at or after ``cut[tp]``: they will be read (and handled) again, and a late
+        completion must not mark the new reading of the same offset processed."""
+        kept: deque[tuple[Future[None], list[tuple[TopicPartitionKey, int]]]] = deque()
+        count = 0
+        for future, records in self._durable:
+            left = [(tp, o) for tp, o in records if tp not in cut or o < cut[tp]]
+            if left:
+                kept.append((future, left))
+                count += len(left)
+        self._durable.clear()  # in place: _drain_durable may be iterating over it
+        self._durable.extend(kept)
+        self._durable_count = count
+
     # -- commits --------------------------------------------------------------------------------
 
     def _after_record(self, tp: TopicPartitionKey) -> None:
@@ -570,6 +700,8 @@ class KafkaConsumer:
         previous one is still unanswered (or failed) when the next record would
         exceed the bound, commit synchronously before processing it.
         """
+        if self._durable:
+            self._drain_durable(_DURABLE_WAIT, settle=False)
         self._commit_sync(None, "the previous commit is still unanswered")
 
     def _commit_on_time(self) -> None:
@@ -673,6 +805,8 @@ class KafkaConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         self._tracker.forget(tps)
+        if self._durable:
+            self._purge_durable(dict.fromkeys(tps, -1))
         for tp in tps:
             self._paused.pop(tp, None)
         with self._assigned_lock:
@@ -683,6 +817,12 @@ class KafkaConsumer:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions are taken away: commit what was processed before the new owner starts reading."""
         tps = [(p.topic, p.partition) for p in partitions]
+        if self._durable:  # their offsets may be committed once their done records are durable
+            self._revoking = set(tps)
+            try:
+                self._drain_durable(_DURABLE_WAIT, settle=False)
+            finally:
+                self._revoking = set()
         self._commit_sync(None, "partitions revoked")
         self._drop(tps)
         logger.info("consumer %s revoked %s", self.config.group_id, _describe(tps))
@@ -696,6 +836,8 @@ class KafkaConsumer:
 
     def _drop(self, tps: list[TopicPartitionKey]) -> None:
         self._tracker.forget(tps)
+        if self._durable:
+            self._purge_durable(dict.fromkeys(tps, -1))
         for tp in tps:
             self._paused.pop(tp, None)
         if self._in_flight is not None:
@@ -725,6 +867,8 @@ class KafkaConsumer:
         self._closed = True
         try:
             if self._running:
+                if self._durable:
+                    self._drain_durable(_DURABLE_WAIT, settle=False)
                 self._commit_sync(None, "closing")
             self._consumer.close()  # leaves the group; librdkafka runs on_revoke (nothing left to commit)
         except KafkaException as exc:
@@ -745,6 +889,19 @@ class KafkaConsumer:
 
 def _offsets(positions: Mapping[TopicPartitionKey, int]) -> list[TopicPartition]:
     return [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
+
+
+def _record_id(raw: RawMessage) -> str:
+    """The dedup key the handler runner will use for ``raw`` by default (see _handle): its message id."""
+    headers: Any = raw.headers()
+    mid: Any = None
+    if headers:
+        for name, value in headers:
+            if name == MESSAGE_ID_HEADER:
+                mid = value  # the last one wins, as in dict(headers)
+    if mid is None:
+        return f"{raw.topic()}/{raw.partition()}/{raw.offset()}"
+    return mid.decode("utf-8", "replace") if isinstance(mid, bytes) else str(mid)
 
 
 def _int_header(headers: Mapping[str, Any], name: str, default: int) -> int:

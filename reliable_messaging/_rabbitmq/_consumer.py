@@ -35,6 +35,13 @@ What the broker does, and what the consumer does about it:
   (its delivery tag belonged to the closed channel) and gets the message again with
   ``redelivered=True``. Handlers that may run longer than ``consumer_timeout`` need a larger
   setting on the broker.
+- **Dedup done records.** With a pipelined dedup store (SQLite) the done record of a handled
+  message is written by the store's group commit after the handler returned, and the
+  ``basic.ack`` goes out only once that commit is durable (the worker posts the result at once;
+  the I/O thread holds its ack until the commit's future resolves, then acks the ready prefix
+  with one ``multiple=True`` as usual). A failed write sends ``basic.nack(requeue=True)``: the
+  redelivery finds the key in the store's memory, which writes the record again before
+  answering "done". stop() waits (within ``CLOSE_GRACE``) for pending writes before closing.
 - **Cancellation.** When the queue is deleted the broker sends ``basic.cancel``; the consumer
   stops and :meth:`RabbitMQConsumer.run` raises :class:`~reliable_messaging.ConsumerCancelled`.
 
@@ -51,6 +58,7 @@ import queue as queue_module
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,11 +123,12 @@ class _Engine(IOThread):
         self.max_retry_tier = max(1, owner.retry.max_attempts - 1)
         self.stats: dict[str, int] = owner.runner.stats.extra
         for key in ("acks", "multiple_acks", "rejects", "requeues", "retry_copies", "retry_copy_failures",
-                    "stale_results", "channel_failures", "connections"):
+                    "stale_results", "channel_failures", "connections", "durable_failures"):
             self.stats.setdefault(key, 0)
         # shared with the worker
         self.deliveries: queue_module.SimpleQueue[_Delivery | None] = queue_module.SimpleQueue()
         self.results: collections.deque[_Result] = collections.deque()
+        self.durable_done: collections.deque[Future[None]] = collections.deque()  # from the store's writer
         self.generation = 0
         # I/O thread only
         self._channel: pika.channel.Channel | None = None
@@ -134,6 +143,7 @@ class _Engine(IOThread):
         self._retry_returned: set[int] = set()
         self._retry_tag = 0
         self._delayed_nacks: dict[int, tuple[int, object]] = {}
+        self._awaiting: dict[Future[None], list[int]] = {}  # group commit -> delivery tags acked once it is durable
         self._close_deadline: float | None = None
 
     # -- setup ------------------------------------------------------------------------------------------
@@ -148,6 +158,7 @@ class _Engine(IOThread):
         self._delivered.clear()
         self._settled.clear()
         self._ack_ready.clear()
+        self._awaiting.clear()
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
         self._declare(channel, self.topology.steps(), 0)
@@ -235,6 +246,7 @@ class _Engine(IOThread):
         self._delivered.clear()
         self._settled.clear()
         self._ack_ready.clear()
+        self._awaiting.clear()
         # Results of this channel's deliveries can no longer be acknowledged: the broker redelivers them.
         self.generation += 1
 
@@ -258,8 +270,17 @@ class _Engine(IOThread):
                 continue
             disposition = outcome.disposition
             if disposition is Disposition.ACK:
-                for message in messages:
-                    self._ack_ready.add(message.delivery_tag)
+                durable = outcome.durable
+                if durable is None:
+                    for message in messages:
+                        self._ack_ready.add(message.delivery_tag)
+                else:  # acked once the dedup store's group commit holding its done record is durable
+                    waiting = self._awaiting.get(durable)
+                    if waiting is None:
+                        self._awaiting[durable] = [m.delivery_tag for m in messages]
+                        durable.add_done_callback(self._on_durable)  # at once, here, if already resolved
+                    else:
+                        waiting.extend(m.delivery_tag for m in messages)
             elif disposition is Disposition.DEAD_LETTER:
                 for message in messages:
                     channel.basic_reject(message.delivery_tag, requeue=False)
@@ -271,7 +292,30 @@ class _Engine(IOThread):
             else:
                 for message in messages:
                     self._requeue_later(message.delivery_tag, outcome.delay, gen)
+        done = self.durable_done
+        while done:
+            future = done.popleft()
+            tags = self._awaiting.pop(future, None)
+            if tags is None:
+                continue  # its channel is gone: the broker redelivers those messages
+            error = future.exception()
+            if error is None:
+                self._ack_ready.update(tags)
+            else:
+                stats["durable_failures"] += len(tags)
+                logger.warning("could not store the done records of %d messages (%s): requeueing them", len(tags),
+                               error)
+                for tag in tags:
+                    self._nack_requeue(generation, tag)
         self._flush_acks()
+
+    def _on_durable(self, future: Future[None]) -> None:
+        """A group commit of the dedup store resolved (called on the store's writer thread, or this one)."""
+        self.durable_done.append(future)
+        try:
+            self.wake()
+        except Exception as exc:  # noqa: BLE001 - the I/O loop is gone: nothing left to acknowledge on
+            logger.debug("durable completion after the I/O loop closed: %s", exc)
 
     def _flush_acks(self) -> None:
         """Acknowledge what is ready: the settled-or-ready prefix of deliveries with one multiple=True ack."""
@@ -400,17 +444,21 @@ class _Engine(IOThread):
         for tag, (gen, handle) in list(self._delayed_nacks.items()):
             self.remove_timeout(handle)
             self._nack_requeue(gen, tag)
-        if self._retry_inflight and self._close_deadline is None:
+        if (self._retry_inflight or self._awaiting) and self._close_deadline is None:
             self._close_deadline = time.monotonic() + CLOSE_GRACE
-            return  # on_tick closes once the copies are confirmed or the grace period is over
+            return  # on_tick closes once copies are confirmed, done records durable, or the grace period is over
         super().begin_close()
 
     def on_tick(self) -> None:
-        if self._close_deadline is not None and (not self._retry_inflight or time.monotonic() >= self._close_deadline):
+        if self._close_deadline is not None and ((not self._retry_inflight and not self._awaiting)
+                                                 or time.monotonic() >= self._close_deadline):
             self._close_deadline = None
             if self._retry_inflight:
                 logger.warning("closing with %d unconfirmed retry copies; their originals will be redelivered",
                                len(self._retry_inflight))
+            if self._awaiting:
+                logger.warning("closing with %d messages whose done records are not durable yet; they will be "
+                               "redelivered", sum(len(tags) for tags in self._awaiting.values()))
             self.on_wake()
             super().begin_close()
 
@@ -565,6 +613,8 @@ class RabbitMQConsumer:
             if worker.is_alive():
                 logger.warning("the handler of queue %r did not finish within %.1fs; closing anyway", self.queue,
                                timeout)
+            else:
+                self.runner.flush()  # done records still queued in a pipelined store: write them now
         if engine.alive:
             engine.request_close()
         engine.join(max(1.0, deadline - time.monotonic()) + CLOSE_GRACE)  # also releases the I/O loop
@@ -619,6 +669,8 @@ class RabbitMQConsumer:
         try:
             if self._batch:
                 self._work_batches(engine)
+            elif self.runner.pipelined:
+                self._work_pipelined(engine)
             else:
                 self._work_single(engine)
         except Exception as exc:  # a bug here must stop the consumer visibly, not hang it
@@ -657,6 +709,50 @@ class RabbitMQConsumer:
                 continue
             results.append((item[0], outcome, (message,), (item[2],)))
             engine.wake()
+
+    def _work_pipelined(self, engine: _Engine) -> None:
+        """``_work_single`` for a pipelined dedup store (manual acks, one message at a time).
+
+        Takes every delivery already waiting, looks their ids up in the store at once, then handles
+        them in order. When none is waiting it tells the store, which commits its queued done
+        records at once: the acknowledgements of what was handled wait for that commit, and the
+        broker sends no more than ``prefetch`` unacknowledged messages.
+        """
+        deliveries, results, runner = engine.deliveries, engine.results, self.runner
+        stopping = self._stopping
+        most = self.config.prefetch
+        while not stopping.is_set():
+            try:
+                first = deliveries.get_nowait()
+            except queue_module.Empty:
+                runner.flush()
+                first = deliveries.get()
+            items = [first]
+            while len(items) < most:
+                try:
+                    items.append(deliveries.get_nowait())
+                except queue_module.Empty:
+                    break
+            batch: list[tuple[_Delivery, RabbitMQMessage, Outcome | None]] = []
+            ended = False
+            for item in items:
+                if item is None:
+                    ended = True
+                    break
+                if item[0] == engine.generation:
+                    batch.append((item, *self._message(engine, item)))
+            runner.prefetch([message for _item, message, bad in batch if bad is None])
+            for item, message, outcome in batch:
+                if stopping.is_set():
+                    return  # the rest go back to the queue when the channel closes
+                if item[0] != engine.generation:
+                    continue  # its channel is gone; the broker redelivers it
+                if outcome is None:
+                    outcome = runner.invoke(message)
+                results.append((item[0], outcome, (message,), (item[2],)))
+                engine.wake()
+            if ended:
+                return
 
     def _work_batches(self, engine: _Engine) -> None:
         deliveries, results, runner = engine.deliveries, engine.results, self.runner

@@ -1,0 +1,299 @@
+"""SQLiteDedupStore's pipelined path: group commits on a writer thread, futures resolved once durable."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+from test_dedup_contract import in_thread
+
+from reliable_messaging import (
+    ClaimResult,
+    ClosedError,
+    ConfigurationError,
+    Disposition,
+    Message,
+    RetryPolicy,
+    StoreUnavailable,
+)
+from reliable_messaging._dedup import SQLiteDedupStore
+from reliable_messaging._handling import HandlerRunner
+
+ACQUIRED, DONE, IN_PROGRESS = ClaimResult.ACQUIRED, ClaimResult.DONE, ClaimResult.IN_PROGRESS
+
+
+class PausableStore(SQLiteDedupStore):
+    """The writer waits at each group commit until ``resume`` is set; ``commits`` counts them."""
+
+    def __init__(self, path: Path, **kwargs: object) -> None:
+        super().__init__(path, **kwargs)  # type: ignore[arg-type]
+        self.resume = threading.Event()
+        self.resume.set()
+        self.waiting = threading.Event()
+        self.commits: list[frozenset[str]] = []
+
+    def _before_group_commit(self) -> None:
+        self.waiting.set()
+        assert self.resume.wait(30)
+        self.waiting.clear()
+
+    def _after_group_commit(self, keys: frozenset[str] | set[str]) -> None:
+        self.commits.append(frozenset(keys))
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "dedup.sqlite3"
+
+
+@pytest.fixture
+def stores() -> Iterator[list[SQLiteDedupStore]]:
+    opened: list[SQLiteDedupStore] = []
+    yield opened
+    for store in opened:
+        if isinstance(store, PausableStore):
+            store.resume.set()
+        store.close()
+
+
+def open_store(stores: list[SQLiteDedupStore], db: Path, **kwargs: object) -> PausableStore:
+    store = PausableStore(db, **kwargs)
+    stores.append(store)
+    return store
+
+
+def done_in_file(db: Path, key: str) -> bool:
+    conn = sqlite3.connect(db)
+    try:
+        row = conn.execute("SELECT owner FROM rm_dedup WHERE key = ?", (key,)).fetchone()
+    finally:
+        conn.close()
+    return row is not None and row[0] is None
+
+
+def rows_in_file(db: Path) -> dict[str, str | None]:
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT key, owner FROM rm_dedup").fetchall())
+    finally:
+        conn.close()
+
+
+def test_the_future_resolves_only_once_the_record_is_in_the_file(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db)
+    store.resume.clear()
+    assert store.claim_deferred("m-1") is ACQUIRED
+    future = store.mark_done_deferred("m-1")
+    assert store.waiting.wait(5), "the writer starts a group commit within the interval"
+    time.sleep(0.05)
+    assert not future.done()
+    assert not done_in_file(db, "m-1")
+    store.resume.set()
+    future.result(5)
+    assert done_in_file(db, "m-1")
+    assert store.commits == [frozenset({"m-1"})]
+
+
+def test_keys_of_one_group_commit_share_its_future(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db, group_commit_interval=0.5)
+    futures = [store.mark_done_deferred(f"m-{i}") for i in range(10)]
+    assert all(f is futures[0] for f in futures)
+    store.flush()
+    futures[0].result(5)
+    assert store.commits == [frozenset(f"m-{i}" for i in range(10))]
+
+
+def test_a_full_batch_is_committed_without_waiting_for_the_interval(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db, group_commit_interval=1.0, group_commit_size=100)
+    started = time.monotonic()
+    futures = {store.mark_done_deferred(f"m-{i}") for i in range(150)}
+    for future in futures:
+        future.result(5)
+    assert time.monotonic() - started < 0.8
+    assert all(done_in_file(db, f"m-{i}") for i in range(150))
+
+
+def test_a_reopened_file_sees_every_key_whose_future_resolved(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db, group_commit_size=300)
+    keys = [f"m-{i}" for i in range(2000)]
+    futures: list[Future[None]] = []
+    for key in keys:
+        assert store.claim_deferred(key) is ACQUIRED
+        future = store.mark_done_deferred(key)
+        if not futures or futures[-1] is not future:
+            futures.append(future)
+    for future in futures:
+        future.result(10)
+    # No close(): as after a crash, the next process opens the file as it is.
+    reopened = SQLiteDedupStore(db)
+    stores.append(reopened)
+    assert all(reopened.claim(key) is DONE for key in keys)
+    assert all(reopened.claim_deferred(key) is DONE for key in keys)
+
+
+def test_a_failed_group_commit_fails_its_future_and_a_later_claim_writes_the_record(
+    stores: list[SQLiteDedupStore], db: Path
+) -> None:
+    store = open_store(stores, db, timeout=0.2)
+    assert store.claim_deferred("m-1") is ACQUIRED
+    locker = sqlite3.connect(db, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+        future = store.mark_done_deferred("m-1")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            future.result(10)
+        locker.execute("ROLLBACK")
+    finally:
+        locker.close()
+    assert not done_in_file(db, "m-1")
+    # The redelivery: the handler ran, so the store writes the done record again and answers DONE.
+    assert store.claim_deferred("m-1") is DONE
+    assert done_in_file(db, "m-1")
+
+
+def test_a_claim_waits_for_a_pending_done_record(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db)
+    store.resume.clear()
+    store.claim_deferred("m-1")
+    store.mark_done_deferred("m-1")
+    result: list[ClaimResult] = []
+    waiter = threading.Thread(target=lambda: result.append(store.claim_deferred("m-1")))
+    waiter.start()
+    time.sleep(0.1)
+    assert not result, "DONE means durable: the duplicate waits for the group commit"
+    store.resume.set()
+    waiter.join(5)
+    assert result == [DONE]
+    assert store.claim("m-1") is DONE
+
+
+def test_deferred_claims_are_exact_within_the_process(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db)
+    assert store.claim_deferred("m-1") is ACQUIRED
+    assert store.claim_deferred("m-1") is ACQUIRED, "the same thread renews its claim"
+    assert in_thread(lambda: store.claim_deferred("m-1")) is IN_PROGRESS
+    assert in_thread(lambda: store.claim("m-1")) is IN_PROGRESS, "the synchronous claim sees it too"
+    store.release("m-1")
+    assert in_thread(lambda: store.claim_deferred("m-1")) is ACQUIRED
+
+
+def test_a_claim_reaches_other_processes_with_the_group_commit(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db, group_commit_interval=0.01)
+    other = SQLiteDedupStore(db)
+    stores.append(other)
+    assert store.claim_deferred("m-1") is ACQUIRED
+    deadline = time.monotonic() + 5
+    while "m-1" not in rows_in_file(db):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert other.claim("m-1") is IN_PROGRESS
+    assert other.claim_deferred("m-1") is IN_PROGRESS
+
+
+def test_releasing_an_unwritten_claim_leaves_nothing_in_the_file(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db, group_commit_interval=0.5)
+    assert store.claim_deferred("m-1") is ACQUIRED
+    store.release("m-1")
+    future = store.mark_done_deferred("other")
+    store.flush()
+    future.result(5)  # a group commit went by
+    assert rows_in_file(db) == {"other": None}
+
+
+def test_releasing_a_written_claim_deletes_its_row(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db, group_commit_interval=0.0)
+    assert store.claim_deferred("m-1") is ACQUIRED
+    deadline = time.monotonic() + 5
+    while "m-1" not in rows_in_file(db):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    store.release("m-1")
+    assert "m-1" not in rows_in_file(db)
+    assert in_thread(lambda: store.claim_deferred("m-1")) is ACQUIRED
+
+
+def test_prefetch_answers_the_next_claims_without_a_lookup_each(
+    stores: list[SQLiteDedupStore], db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = open_store(stores, db)
+    for i in range(5):
+        first.mark_done(f"done-{i}")
+    store = open_store(stores, db)
+    lookups: list[str] = []
+    original = store._lookup
+    monkeypatch.setattr(store, "_lookup", lambda key: lookups.append(key) or original(key))
+    keys = [f"done-{i}" for i in range(5)] + [f"new-{i}" for i in range(5)]
+    store.prefetch(keys)
+    assert [store.claim_deferred(key) for key in keys] == [DONE] * 5 + [ACQUIRED] * 5
+    assert lookups == []
+    assert store.claim_deferred("not-prefetched") is ACQUIRED
+    assert lookups == ["not-prefetched"]
+
+
+def test_a_key_done_after_the_prefetch_is_not_acquired_again(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db)
+    store.prefetch(["m-1"])  # looked up while absent ...
+    in_thread(lambda: store.mark_done_deferred("m-1").result(5))  # ... then done by another thread
+    assert store.claim_deferred("m-1") is DONE
+
+
+def test_close_commits_what_is_queued(db: Path) -> None:
+    store = SQLiteDedupStore(db, group_commit_interval=1.0)
+    future = store.mark_done_deferred("m-1")
+    started = time.monotonic()
+    store.close()
+    assert time.monotonic() - started < 0.9, "close does not wait out the interval"
+    assert future.done()
+    future.result(0)
+    assert done_in_file(db, "m-1")
+    for operation in (store.claim_deferred, store.mark_done_deferred):
+        with pytest.raises(ClosedError):
+            operation("m-2")
+
+
+def test_the_synchronous_methods_keep_their_meaning_alongside(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db)
+    store.mark_done("sync")  # committed before returning
+    assert done_in_file(db, "sync")
+    assert store.claim_deferred("sync") is DONE
+    assert store.claim("m-1") is ACQUIRED
+    assert store.claim_deferred("m-1") is ACQUIRED, "the same thread holds it"
+    assert in_thread(lambda: store.claim_deferred("m-1")) is IN_PROGRESS
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"group_commit_interval": -1}, "group_commit_interval"),
+    ({"group_commit_interval": "5"}, "group_commit_interval"),
+    ({"group_commit_size": 0}, "group_commit_size"),
+    ({"group_commit_size": 1.5}, "group_commit_size"),
+])
+def test_bad_group_commit_settings_fail_at_construction(db: Path, kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        SQLiteDedupStore(db, **kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def test_the_handler_runner_acks_with_the_future_of_the_done_record(
+    stores: list[SQLiteDedupStore], db: Path
+) -> None:
+    store = open_store(stores, db)
+    store.resume.clear()
+    calls: list[str] = []
+    runner: HandlerRunner[Message] = HandlerRunner(lambda m: calls.append(m.message_id), retry=RetryPolicy(),
+                                                   dedup=store)
+    first = runner.invoke(Message(body=b"x", value=b"x", message_id="m-1", key=None))
+    second = runner.invoke(Message(body=b"x", value=b"x", message_id="m-2", key=None))
+    assert first.disposition is Disposition.ACK and first.durable is not None
+    assert second.durable is first.durable, "one group commit, one future"
+    assert not first.durable.done()
+    store.resume.set()
+    first.durable.result(5)
+    duplicate = runner.invoke(Message(body=b"x", value=b"x", message_id="m-1", key=None))
+    assert duplicate.deduplicated and duplicate.durable is None
+    assert calls == ["m-1", "m-2"]
+    assert runner.stats.processed == 2 and runner.stats.deduplicated == 1
