@@ -11,9 +11,9 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from reliable_messaging import Broker, KafkaProducer, KafkaProducerConfig, connect
-from reliable_messaging.testing import KafkaEndpoint
+from reliable_messaging.testing import KafkaEndpoint, wait_for
 
-from .base import FacadeContract, PausedWriterStore, Recorder, wait_for
+from .base import FacadeContract, PausedWriterStore, Recorder
 
 pytestmark = [pytest.mark.kafka]
 

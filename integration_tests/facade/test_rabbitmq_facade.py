@@ -10,9 +10,9 @@ import pika
 import pytest
 
 from reliable_messaging import Broker, connect
-from reliable_messaging.testing import RabbitMQEndpoint
+from reliable_messaging.testing import RabbitMQEndpoint, wait_for
 
-from .base import FacadeContract, PausedWriterStore, Recorder, wait_for
+from .base import FacadeContract, PausedWriterStore, Recorder
 
 pytestmark = [pytest.mark.rabbitmq]
 
