@@ -38,9 +38,7 @@ pika. Futures are resolved on the I/O thread: keep their callbacks short.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
-import os
 import struct
 import threading
 import time
@@ -66,7 +64,7 @@ from .._errors import (
     ReliableMessagingError,
     Unroutable,
 )
-from .._message import Delivery, DeliveryFuture, coerce_body
+from .._message import Delivery, DeliveryFuture, coerce_body, new_message_id
 from ._config import RabbitMQPublisherConfig, connection_parameters
 from ._connection import IOThread
 from ._errors import NOT_FOUND, map_pika_error
@@ -630,12 +628,6 @@ class RabbitMQPublisher:
         self._delivery_timeout = config.delivery_timeout
         self._max_buffered = config.max_buffered
         self._app_id = config.app_id
-        # Message ids: 64 random bits per publisher + a 64-bit counter, 32 hex characters like
-        # reliable_messaging's new_message_id(). os.urandom per message releases the GIL for a
-        # syscall on every publish, and winning it back from the I/O thread costs more than the
-        # publish itself; next() on an itertools.count is atomic, so publish() stays thread-safe.
-        self._id_prefix = os.urandom(8).hex()
-        self._id_counter = itertools.count()
         self._engine.start_thread(config.connect_timeout)
 
     @property
@@ -676,7 +668,7 @@ class RabbitMQPublisher:
         if type(routing_key) is not str or len(routing_key) > 63:
             check_short_string("routing_key", routing_key)
         if message_id is None:
-            message_id = f"{self._id_prefix}{next(self._id_counter):016x}"
+            message_id = new_message_id()
         else:
             check_short_string("message_id", message_id, allow_empty=False)
         if headers is not None:
