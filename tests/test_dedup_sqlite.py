@@ -204,7 +204,9 @@ def test_claims_and_done_records_are_shared_with_another_process(
 
 def test_processes_racing_on_the_same_keys_acquire_each_key_once(db: Path) -> None:
     SQLiteDedupStore(db).close()  # create the file before the race
-    keys = [f"m-{i}" for i in range(2000)]
+    # Enough keys that the race outlasts SQLite's busy-handler sleeps (up to 100 ms each), during
+    # which one child could otherwise finish every key alone.
+    keys = [f"m-{i}" for i in range(8000)]
     orders = [keys, keys, keys[::-1], keys[::-1]]  # two pairs contending key by key, meeting in the middle
     go = db.parent / "go"
     children = [run_child(db, "claim-and-done", *order, go_file=go) for order in orders]

@@ -118,6 +118,24 @@ def test_a_full_batch_is_committed_without_waiting_for_the_interval(stores: list
     assert all(done_in_file(db, f"m-{i}") for i in range(150))
 
 
+def test_group_commits_delete_expired_records_as_they_go(stores: list[SQLiteDedupStore], db: Path) -> None:
+    now = [1_000.0]
+    store = open_store(stores, db, ttl=100.0, clock=lambda: now[0])
+    for key in [f"a-{i:04}" for i in range(600)]:
+        store.mark_done_deferred(key)
+    store.flush()
+    store.mark_done_deferred("a-last").result(5)
+    now[0] += 100.0  # every a-* record has lapsed
+    for batch in range(5):  # a cleanup step per 2048 records written, walking two keys per record
+        for i in range(400):
+            future = store.mark_done_deferred(f"b-{batch}-{i:03}")
+        store.flush()
+        future.result(5)
+    left = rows_in_file(db)
+    assert not [key for key in left if key.startswith("a-")], "expired records deleted by the group commits"
+    assert sum(key.startswith("b-") for key in left) == 2000, "records still within ttl stay"
+
+
 def test_a_reopened_file_sees_every_key_whose_future_resolved(stores: list[SQLiteDedupStore], db: Path) -> None:
     store = open_store(stores, db, group_commit_size=300)
     keys = [f"m-{i}" for i in range(2000)]
