@@ -37,9 +37,13 @@ from ._errors import Reject, Retry, StoreUnavailable
 from ._message import Message
 from ._retry import RetryPolicy
 
-__all__ = ["ConsumerStats", "Disposition", "HandlerRunner", "MessageIdKey", "Outcome"]
+__all__ = ["BATCHED", "ConsumerStats", "Disposition", "HandlerRunner", "MessageIdKey", "Outcome"]
 
 logger = logging.getLogger("reliable_messaging.consumer")
+
+_ACQUIRED = ClaimResult.ACQUIRED
+_DONE = ClaimResult.DONE
+_IN_PROGRESS = ClaimResult.IN_PROGRESS
 
 M = TypeVar("M", bound=Message)
 
@@ -79,6 +83,10 @@ class Outcome:
 
 ACKED = Outcome(Disposition.ACK)
 DEDUPLICATED = Outcome(Disposition.ACK, deduplicated=True)
+BATCHED = Outcome(Disposition.ACK)
+"""What :meth:`HandlerRunner.invoke_batched` answers for a message processed whose done record is
+collected with its batch's: acknowledge it once the future :meth:`HandlerRunner.flush_done` hands
+to the durable sink, with the message's ``ref``, has resolved (compared by identity)."""
 
 
 @dataclass
@@ -143,6 +151,13 @@ class HandlerRunner(Generic[M]):
         """Whether :meth:`prefetch_keys` helps: a pipelined store keyed by the message id, which a
         consumer can read from a raw record before building the message."""
         self._unflushed = False
+        # The batched path (invoke_batched): claims taken for the current batch, and the done records
+        # of its messages processed so far, with their refs, not yet handed to the store.
+        self._claimed: dict[str, ClaimResult] = {}
+        self._pending_keys: list[str] = []
+        self._pending_refs: list[Any] = []
+        self.durable_sink: Callable[[tuple[Future[None], list[Any]]], Any] | None = None
+        """Where :meth:`flush_done` puts ``(future, refs)``: set by a consumer using invoke_batched."""
         self._last_durable: Future[None] | None = None
         self._last_outcome = ACKED
         self._loop = loop
@@ -224,6 +239,84 @@ class HandlerRunner(Generic[M]):
         self._last_durable, self._last_outcome = durable, outcome
         return outcome
 
+    # -- the batched path (a pipelined store keyed by message id; Kafka) ---------------------------
+
+    def begin_batch(self, keys: Sequence[str]) -> None:
+        """Claim a fetched batch's dedup keys at once (:meth:`DedupStore.claim_batch`).
+
+        Then :meth:`invoke_batched` each of its messages, and :meth:`end_batch` after the last (or
+        when the batch is cut short): this costs the consumer thread a fraction of what a claim and
+        a done record per message through :meth:`invoke` do.
+        """
+        if self._claimed:
+            self._release_unused()
+        if self.prefetches and self.dedup is not None and keys:
+            try:
+                self._claimed = self.dedup.claim_batch(keys)
+            except StoreUnavailable as exc:  # each message then claims on its own, and reports it
+                logger.debug("dedup batch claim failed: %s", exc)
+
+    def invoke_batched(self, message: M, ref: Any) -> Outcome:
+        """:meth:`invoke` for a message of the current batch; :data:`BATCHED` means processed, its
+        done record pending with the batch's: ``ref`` comes back with their future (see
+        :meth:`flush_done`)."""
+        message_id = message.message_id
+        key = self.key_prefix + message_id if message_id and self.key_prefix is not None else ""
+        claim = self._claimed.pop(key, None)
+        if claim is not _ACQUIRED:
+            if claim is _DONE:
+                self.stats.deduplicated += 1
+                return DEDUPLICATED
+            if claim is _IN_PROGRESS:
+                return self._bounce(message, "claimed by another consumer", None)
+            # Not decided with the batch (e.g. the same id twice in one batch): the store must see the
+            # done records collected so far before this claim.
+            if self._pending_keys:
+                self.flush_done()
+            return self.invoke(message)
+        try:
+            self._call(message)
+        except Exception as exc:  # noqa: BLE001 - every handler failure is an outcome, decided below
+            self._release(key)
+            return self._failed(message, exc)
+        self._pending_keys.append(key)
+        self._pending_refs.append(ref)
+        self.stats.processed += 1
+        return BATCHED
+
+    def flush_done(self) -> None:
+        """Hand the done records :meth:`invoke_batched` collected to the store, and ``(future, refs)``
+        to :attr:`durable_sink`. A consumer calls it before it waits for durability."""
+        keys = self._pending_keys
+        if not keys or self.dedup is None:
+            return
+        refs = self._pending_refs
+        self._pending_keys, self._pending_refs = [], []
+        try:
+            future = self.dedup.mark_done_batch(keys)
+        except StoreUnavailable as exc:
+            # The work is done; acknowledging is right. Only a later duplicate may run again.
+            logger.warning("could not record %d messages as done (%s); a duplicate would be reprocessed",
+                           len(keys), exc)
+            future = Future()
+            future.set_result(None)
+        self._unflushed = True
+        assert self.durable_sink is not None, "invoke_batched needs a durable_sink"
+        self.durable_sink((future, refs))
+
+    def end_batch(self) -> None:
+        """The batch is over (or cut short): flush its done records, release the claims of messages
+        not processed (the partition was rewound, the consumer is stopping)."""
+        self.flush_done()
+        if self._claimed:
+            self._release_unused()
+
+    def _release_unused(self) -> None:
+        claimed, self._claimed = self._claimed, {}
+        for key, claim in claimed.items():
+            if claim is _ACQUIRED:
+                self._release(key)
+
     def prefetch(self, messages: Sequence[M]) -> None:
         """A pipelined store looks up the dedup keys of a batch about to be invoked in one round trip."""
         if self.pipelined and messages:
@@ -236,6 +329,8 @@ class HandlerRunner(Generic[M]):
 
     def flush(self) -> None:
         """The consumer is idle (nothing fetched): ask a pipelined store to commit what is queued now."""
+        if self._pending_keys:
+            self.flush_done()
         if self._unflushed and self.dedup is not None:
             self._unflushed = False
             self.dedup.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -17,12 +17,14 @@ from reliable_messaging import (
     ClosedError,
     ConfigurationError,
     Disposition,
+    InvalidMessage,
+    MemoryDedupStore,
     Message,
     RetryPolicy,
     StoreUnavailable,
 )
 from reliable_messaging._dedup import SQLiteDedupStore
-from reliable_messaging._handling import HandlerRunner
+from reliable_messaging._handling import BATCHED, HandlerRunner, MessageIdKey
 
 ACQUIRED, DONE, IN_PROGRESS = ClaimResult.ACQUIRED, ClaimResult.DONE, ClaimResult.IN_PROGRESS
 
@@ -315,3 +317,158 @@ def test_the_handler_runner_acks_with_the_future_of_the_done_record(
     assert duplicate.deduplicated and duplicate.durable is None
     assert calls == ["m-1", "m-2"]
     assert runner.stats.processed == 2 and runner.stats.deduplicated == 1
+
+
+# -- the batched path (Kafka: a fetched batch's keys claimed, and their done records queued, at once) --
+
+
+def test_claim_batch_answers_each_key_from_the_file(stores: list[SQLiteDedupStore], db: Path) -> None:
+    other = open_store(stores, db)
+    other.mark_done("done")
+    assert other.claim("held elsewhere") is ACQUIRED  # another instance: another owner, a row in the file
+    store = open_store(stores, db)
+    results = store.claim_batch(["new-1", "done", "held elsewhere", "new-2"])
+    assert results == {"new-1": ACQUIRED, "done": DONE, "held elsewhere": IN_PROGRESS, "new-2": ACQUIRED}
+    assert in_thread(lambda: store.claim_deferred("new-1")) is IN_PROGRESS, "claims are exact within the process"
+    assert in_thread(lambda: store.claim("new-2")) is IN_PROGRESS
+
+
+def test_claim_batch_leaves_keys_this_process_holds_state_for_to_claim_deferred(
+    stores: list[SQLiteDedupStore], db: Path
+) -> None:
+    store = open_store(stores, db)
+    store.resume.clear()
+    assert store.claim_deferred("mine") is ACQUIRED
+    store.mark_done_deferred("pending")
+    results = store.claim_batch(["mine", "pending", "caf\u00e9", "fresh"])
+    assert results == {"fresh": ACQUIRED}, "own claims, pending done records, non-ASCII keys: one by one"
+    assert store.claim_deferred("mine") is ACQUIRED
+    assert store.claim_deferred("caf\u00e9") is ACQUIRED
+    store.resume.set()
+    assert store.claim_deferred("pending") is DONE
+
+
+def test_claim_batch_sees_a_done_record_committed_after_its_lookup(
+    stores: list[SQLiteDedupStore], db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(stores, db)
+    lookup = store._lookup_many
+
+    def lookup_then_commit(keys: list[str]) -> dict[str, object]:
+        rows = lookup(keys)
+        store.mark_done("k-2")  # committed between the lookup and the claims
+        return rows  # type: ignore[return-value]
+
+    monkeypatch.setattr(store, "_lookup_many", lookup_then_commit)
+    assert store.claim_batch(["k-1", "k-2"]) == {"k-1": ACQUIRED, "k-2": DONE}
+
+
+def test_mark_done_batch_shares_one_future_and_replaces_the_claims(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db)
+    store.resume.clear()
+    keys = [f"m-{i}" for i in range(50)]
+    assert set(store.claim_batch(keys).values()) == {ACQUIRED}
+    future = store.mark_done_batch(keys)
+    assert store.waiting.wait(5)
+    assert not future.done() and not done_in_file(db, "m-0")
+    store.resume.set()
+    future.result(5)
+    assert all(done_in_file(db, key) for key in keys)
+    assert in_thread(lambda: store.claim_deferred("m-7")) is DONE
+    assert store.claim_batch(keys) == dict.fromkeys(keys, DONE)
+
+
+def test_mark_done_batch_refuses_a_key_sqlite_cannot_store(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db)
+    with pytest.raises(InvalidMessage):
+        store.mark_done_batch(["ok", "\ud800"])
+
+
+def test_the_default_mark_done_batch_combines_the_futures_of_any_store() -> None:
+    store = MemoryDedupStore()
+    future = store.mark_done_batch(["a", "b"])
+    assert future.result(1) is None
+    assert store.claim("a") is DONE and store.claim("b") is DONE
+    assert store.claim_batch(["c"]) == {}, "the default decides nothing in advance"
+
+
+def batched_runner(
+    store: SQLiteDedupStore, handler: Callable[[Message], object]
+) -> tuple[HandlerRunner[Message], list[tuple[Future[None], list[object]]]]:
+    runner: HandlerRunner[Message] = HandlerRunner(handler, retry=RetryPolicy(max_attempts=3), dedup=store,
+                                                   dedup_key=MessageIdKey())
+    sink: list[tuple[Future[None], list[object]]] = []
+    runner.durable_sink = sink.append
+    return runner, sink
+
+
+def message(message_id: str) -> Message:
+    return Message(body=b"x", value=b"x", message_id=message_id, key=None)
+
+
+def test_the_batched_runner_hands_done_records_over_with_their_refs(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db)
+    calls: list[str] = []
+    runner, sink = batched_runner(store, lambda m: calls.append(m.message_id))
+    runner.begin_batch(["m-1", "m-2", "m-3"])
+    outcomes = [runner.invoke_batched(message(f"m-{i}"), ("ref", i)) for i in (1, 2, 3)]
+    assert all(outcome is BATCHED for outcome in outcomes)
+    assert sink == [], "nothing handed over before the batch ends"
+    runner.end_batch()
+    [(future, refs)] = sink
+    assert refs == [("ref", 1), ("ref", 2), ("ref", 3)]
+    future.result(5)
+    assert all(done_in_file(db, f"m-{i}") for i in (1, 2, 3))
+    assert calls == ["m-1", "m-2", "m-3"]
+    assert runner.stats.processed == 3
+
+
+def test_the_batched_runner_runs_an_id_repeated_within_a_batch_once(
+    stores: list[SQLiteDedupStore], db: Path
+) -> None:
+    store = open_store(stores, db)
+    calls: list[str] = []
+    runner, sink = batched_runner(store, lambda m: calls.append(m.message_id))
+    runner.begin_batch(["m-1", "m-2", "m-1"])
+    assert runner.invoke_batched(message("m-1"), 1) is BATCHED
+    assert runner.invoke_batched(message("m-2"), 2) is BATCHED
+    repeat = runner.invoke_batched(message("m-1"), 3)
+    assert repeat.deduplicated, "the repeat waited for the first one's done record, then was skipped"
+    runner.end_batch()
+    assert calls == ["m-1", "m-2"]
+    assert [refs for _, refs in sink] == [[1, 2]]
+    assert runner.stats.deduplicated == 1
+
+
+def test_the_batched_runner_releases_failed_and_unprocessed_claims(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db)
+
+    def handler(m: Message) -> None:
+        if m.message_id == "fails":
+            raise RuntimeError("boom")
+
+    runner, sink = batched_runner(store, handler)
+    runner.begin_batch(["fails", "ok", "never reached"])
+    failed = runner.invoke_batched(message("fails"), 1)
+    assert failed.disposition is Disposition.RETRY
+    assert in_thread(lambda: store.claim_deferred("fails")) is ACQUIRED, "released for the retry"
+    assert runner.invoke_batched(message("ok"), 2) is BATCHED
+    runner.end_batch()  # cut short: "never reached" was not processed
+    assert in_thread(lambda: store.claim_deferred("never reached")) is ACQUIRED
+    [(future, refs)] = sink
+    assert refs == [2]
+    future.result(5)
+    assert not done_in_file(db, "never reached")
+
+
+def test_the_batched_runner_skips_ids_already_done(stores: list[SQLiteDedupStore], db: Path) -> None:
+    store = open_store(stores, db)
+    store.mark_done("old")
+    calls: list[str] = []
+    runner, sink = batched_runner(store, lambda m: calls.append(m.message_id))
+    runner.begin_batch(["old", "new"])
+    assert runner.invoke_batched(message("old"), 1).deduplicated
+    assert runner.invoke_batched(message("new"), 2) is BATCHED
+    runner.end_batch()
+    assert calls == ["new"]
+    assert [refs for _, refs in sink] == [[2]]

@@ -6,6 +6,8 @@ The only socket involved is a refused connection to a closed loopback port: no b
 from __future__ import annotations
 
 import socket
+import struct
+import threading
 import time
 
 import pytest
@@ -49,3 +51,39 @@ def test_consumer_start_gives_up_the_same_way(closed_port_url: str) -> None:
     assert slept == [0.1, 0.15]
     assert not consumer.running
     consumer.stop()  # harmless after a failed start
+
+
+def test_a_connection_reset_as_it_is_accepted_is_retried_not_fatal() -> None:
+    """A peer that accepts and at once resets (a proxy refusing, a broker at its socket limit) can make
+    pika fail inside its connect callback with ValueError ("getpeername() failed"): one more failed
+    attempt, not the end of the I/O thread."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def reset_everyone() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # RST right away
+
+    thread = threading.Thread(target=reset_everyone, daemon=True)
+    thread.start()
+    slept: list[float] = []
+    policy = RetryPolicy(max_attempts=100, initial_delay=0.001, max_delay=0.001, jitter=0.0, sleep=slept.append)
+    try:
+        with pytest.raises(BrokerUnavailable) as info:
+            RabbitMQPublisher(RabbitMQPublisherConfig(url=f"amqp://guest:guest@127.0.0.1:{port}/%2F",
+                                                      reconnect=policy, connect_timeout=5))
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    assert "I/O thread failed" not in str(info.value)
+    assert len(slept) == 99, "every attempt failed as a connection failure, and was retried"

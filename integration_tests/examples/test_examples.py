@@ -65,7 +65,10 @@ def test_rabbitmq_manual_ack_consumer(broker_env: dict[str, str], unique_name: s
     assert "handled order-1 (attempt 1" in out and "handled order-3 (attempt 1" in out
     assert "handled order-2 (attempt 2" in out, "Retry() went through the TTL retry queue"
     assert f"dead letter poison in {unique_name}.dlq: x-death reason 'rejected'" in out
-    assert "summary: handled=3 retried=3 dead-lettered=1 acks=5 rejects=1" in out
+    summary = re.search(r"summary: handled=3 retried=3 dead-lettered=1 acks=(\d+) rejects=1\n", out)
+    assert summary is not None, out
+    # basic.ack frames: one per settled delivery at most, fewer when acks coalesce (multiple=True)
+    assert 1 <= int(summary.group(1)) <= 6
 
 
 @pytest.mark.parametrize("broker", both_brokers)

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -28,10 +29,11 @@ from reliable_messaging import Message, RetryPolicy, SQLiteDedupStore, connect
 class CrashingStore(SQLiteDedupStore):
     """A real SQLite store whose process dies once the N-th done record is durable: a crash injected at one point.
 
-    The N-th ``mark_done_deferred`` then waits for its own group commit (as a synchronous
-    ``mark_done`` would), so no later message's handler runs before the crash: the log holds
-    exactly the first N messages. The writer kills the process after that commit, before its
-    future resolves, so neither the ack nor the offset commit of the N-th message can be sent.
+    The call that queues the N-th done record (``mark_done_deferred`` for RabbitMQ, one message at a
+    time; ``mark_done_batch`` for Kafka, a fetched batch's records at once) then waits for its own
+    group commit, so no later message's handler runs before the crash: the log holds the first N
+    messages, and on Kafka the rest of their batch. The writer kills the process after that commit,
+    before its future resolves, so neither the acks nor the offset commit of those messages can be sent.
     """
 
     def __init__(self, path: str, crash_after: int) -> None:
@@ -50,6 +52,17 @@ class CrashingStore(SQLiteDedupStore):
             future.result(timeout=30)  # never returns: the writer kills the process first
             raise AssertionError("the process should have been killed")
         return future
+
+    def mark_done_batch(self, keys: Iterable[str]) -> Future[None]:
+        keys = list(keys)
+        before, self.done = self.done, self.done + len(keys)
+        if not before < self.crash_after <= self.done:
+            return super().mark_done_batch(keys)
+        self.crash_key = keys[-1]
+        future = super().mark_done_batch(keys)
+        self.flush()
+        future.result(timeout=30)  # never returns: the writer kills the process first
+        raise AssertionError("the process should have been killed")
 
     def _after_group_commit(self, keys: frozenset[str] | set[str]) -> None:
         if self.crash_key is not None and self.crash_key in keys:
@@ -74,7 +87,8 @@ def main() -> int:
 
     settings: dict[str, object] = {}
     if args.url.startswith("kafka://"):
-        settings = {"session_timeout": 6.0, "commit_interval": 30.0, "commit_every": 1000}
+        # Small fetches: the crash comes inside a batch of several records, with batches after it.
+        settings = {"session_timeout": 6.0, "commit_interval": 30.0, "commit_every": 1000, "fetch_batch": 3}
     broker = connect(args.url, guarantee="effectively-once", dedup=store, name=args.group,
                      retry=RetryPolicy(max_attempts=5, initial_delay=0.1, jitter=0.0), **settings)
     consumer = broker.consumer(args.source, handler, group=args.group)

@@ -265,14 +265,18 @@ class FacadeContract:
         crashed = subprocess.run([*cmd, "--crash-after", "5"], capture_output=True, text=True, timeout=120,
                                  check=False)
         assert crashed.returncode == -9, crashed.stderr[-2000:]
-        assert log.read_text().split() == ids[:5]
+        before_crash = log.read_text().split()
+        # The first 5 (RabbitMQ: exactly; Kafka: the rest of the 5th's fetched batch too) were handled
+        # and their done records made durable; none was acknowledged.
+        assert len(before_crash) >= 5
+        assert len(set(before_crash)) == len(before_crash) and set(before_crash) <= set(ids)
         restarted = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         assert restarted.returncode == 0, restarted.stderr[-2000:]
         stats = json.loads(restarted.stdout.strip().splitlines()[-1])
         runs = log.read_text().split()
         assert sorted(runs) == sorted(ids), "every message handled exactly once across the crash"
         assert stats["deduplicated"] >= 1, "the message marked done before the crash must come back and be skipped"
-        assert stats["processed"] == 5
+        assert stats["processed"] == len(ids) - len(before_crash)
 
     @pytest.mark.redis
     @pytest.mark.timeout(120)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import threading
 from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import ClassVar
@@ -119,6 +120,45 @@ class DedupStore(abc.ABC):
         else:
             future.set_result(None)
         return future
+
+    def claim_batch(self, keys: Iterable[str]) -> dict[str, ClaimResult]:
+        """:meth:`claim_deferred` for a fetched batch's keys at once, as far as the store can.
+
+        Returns the result of each key it decided; the caller claims a key left out with
+        :meth:`claim_deferred` when its message comes. A key claimed here and not processed must be
+        released (:meth:`release`). Default: decides nothing.
+        """
+        return {}
+
+    def mark_done_batch(self, keys: Iterable[str]) -> Future[None]:
+        """:meth:`mark_done_deferred` for several keys; the future resolves once all are durable.
+
+        Default: :meth:`mark_done_deferred` for each key, their futures combined.
+        """
+        futures = {id(f): f for f in map(self.mark_done_deferred, keys)}
+        if len(futures) == 1:
+            return next(iter(futures.values()))
+        combined: Future[None] = Future()
+        if not futures:
+            combined.set_result(None)
+            return combined
+        left = [len(futures)]
+        lock = threading.Lock()  # the callbacks may run on several threads at once
+
+        def settle(future: Future[None]) -> None:
+            error = future.exception()
+            with lock:
+                if combined.done():
+                    return
+                left[0] -= 1
+                if error is not None:
+                    combined.set_exception(error)
+                elif not left[0]:
+                    combined.set_result(None)
+
+        for future in futures.values():
+            future.add_done_callback(settle)
+        return combined
 
     def prefetch(self, keys: Iterable[str]) -> None:  # noqa: B027 - optional hook
         """A hint: these keys are about to be claimed (a fetched batch); a store may look them up

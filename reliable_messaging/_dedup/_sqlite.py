@@ -20,9 +20,11 @@ Two ways to use it:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -554,6 +556,92 @@ class SQLiteDedupStore(DedupStore):
             self._ahead_before = self._ahead
             self._ahead = (seq, rows)
 
+    def claim_batch(self, keys: Iterable[str]) -> dict[str, ClaimResult]:
+        """:meth:`claim_deferred` for a fetched batch at once: one ``SELECT``, one pass under the lock.
+
+        The keys absent from the file and unknown to this process (the common case) are claimed with
+        set operations, not one by one; keys with a row in the file are decided from it. A key left
+        out of the answer — this process holds state for it (a claim, a pending done record), it is
+        not ASCII, or a group commit long since the lookup may have written it — is for
+        :meth:`claim_deferred` to decide when its message comes. A failed lookup leaves out every key.
+        """
+        wanted = set(keys)
+        try:
+            plain = "".join(wanted).isascii() and "" not in wanted
+        except TypeError:  # not all str
+            plain = False
+        if not plain:  # rare: keep the keys the fast path can take, leave the rest out
+            wanted = {key for key in wanted if key.__class__ is str and key and key.isascii()}
+        if not wanted:
+            return {}
+        token = self._token()
+        now = self._clock()
+        seq = self._commit_seq  # read before the lookup: commits after it are checked in _history
+        try:
+            found = self._lookup_many(list(wanted))
+        except (StoreUnavailable, ValueError) as exc:
+            logger.debug("dedup batch lookup failed: %s", exc)
+            return {}
+        with self._mutex:
+            self._check_open()
+            # set.difference(dict) walks the smaller side: not the whole of a large claims dict
+            for known in (self._claims, self._queued_done, self._writing, self._unwritten):
+                if known:
+                    wanted = wanted.difference(known)
+            fresh = wanted.difference(found)
+            recheck = wanted.intersection(found)
+            if seq != self._commit_seq:
+                since = self._committed_since(seq)
+                if since is None:
+                    return {}
+                recheck |= fresh & since  # done since the lookup: _claim_from_row answers DONE
+                fresh -= since
+            results = dict.fromkeys(fresh, ClaimResult.ACQUIRED)
+            if fresh:
+                # One claim entry shared by the batch's keys (each key's own entry would be a Python
+                # loop): renewing one renews all, and once the writer writes one of their rows, a
+                # release of any of them also deletes in the file (a no-op where there is no row).
+                self._claims.update(dict.fromkeys(fresh, [token, now + self.lease, False]))  # noqa: RUF024 - shared on purpose
+                self._queued_claims |= fresh
+                if not self._queued_at:
+                    self._first_queued()
+            for key in recheck:
+                result = self._claim_from_row(key, found.get(key), seq, token, now)
+                if isinstance(result, ClaimResult):
+                    results[key] = result
+        return results
+
+    def mark_done_batch(self, keys: Iterable[str]) -> Future[None]:
+        """:meth:`mark_done_deferred` for several keys at once: one pass under the lock, one future."""
+        keyset = set(keys)
+        try:
+            plain = "".join(keyset).isascii() and "" not in keyset
+        except TypeError:
+            plain = False
+        if not plain:
+            for key in keyset:
+                _check_deferred_key(key)
+        with self._mutex:
+            self._check_open()
+            claims = self._claims
+            if claims:  # the done rows replace the claims; map() runs the pops without a Python loop
+                deque(map(claims.pop, keyset, itertools.repeat(None)), maxlen=0)
+            if self._queued_claims:
+                self._queued_claims -= keyset
+            for rows in (self._ahead[1], self._ahead_before[1]):  # lookahead answers for them are stale now
+                if rows:
+                    deque(map(rows.pop, keyset, itertools.repeat(None)), maxlen=0)
+            if self._unwritten:
+                self._unwritten -= keyset
+            queued = self._queued_done
+            before = len(queued)
+            queued |= keyset  # a key being written now is written again: harmless, and it waits for no one
+            if not self._queued_at:
+                self._first_queued()
+            elif before < self.group_commit_size <= len(queued):
+                self._state.notify()
+            return self._batch
+
     def flush(self) -> None:
         """Commit the queued deferred records now (the caller is idle); does not wait."""
         with self._mutex:
@@ -615,6 +703,19 @@ class SQLiteDedupStore(DedupStore):
             if key in keys:
                 return True
         return False if history and history[0][0] == seq + 1 else None
+
+    def _committed_since(self, seq: int) -> set[str] | None:
+        """The keys whose done records commits after the first ``seq`` wrote (None: too long ago to tell)."""
+        if self._commit_seq == seq:
+            return set()
+        history = self._history
+        if not history or history[0][0] > seq + 1:
+            return None
+        keys: set[str] = set()
+        for committed, written in history:
+            if committed > seq:
+                keys |= written
+        return keys
 
     def _lookahead_pop(self, key: str) -> tuple[int, _Row]:
         seq, rows = self._ahead
@@ -694,9 +795,9 @@ class SQLiteDedupStore(DedupStore):
                 reader = self._reader
                 if reader is None:
                     with self._lock:
-                        rows = self._connection().execute(_LOOKUP_BATCH, (_dumps(keys),)).fetchall()
+                        rows = self._connection().execute(_LOOKUP_BATCH, (_dumps_keys(keys),)).fetchall()
                 else:
-                    rows = reader.execute(_LOOKUP_BATCH, (_dumps(keys),)).fetchall()
+                    rows = reader.execute(_LOOKUP_BATCH, (_dumps_keys(keys),)).fetchall()
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
         return {key: (owner, expires) for key, owner, expires in rows}
@@ -795,7 +896,7 @@ class SQLiteDedupStore(DedupStore):
         if not claims and self._json:
             # One statement is its own transaction: one sqlite3 call, so the writer thread waits for
             # the GIL once per group commit rather than three times (BEGIN, the upsert, COMMIT).
-            conn.execute(_MARK_DONE_BATCH, (_dumps(list(done)), now + self.ttl))
+            conn.execute(_MARK_DONE_BATCH, (_dumps_keys(list(done)), now + self.ttl))
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -812,7 +913,7 @@ class SQLiteDedupStore(DedupStore):
             if done:
                 expires = now + self.ttl
                 if self._json:
-                    conn.execute(_MARK_DONE_BATCH, (_dumps(list(done)), expires))
+                    conn.execute(_MARK_DONE_BATCH, (_dumps_keys(list(done)), expires))
                 else:
                     conn.executemany(_MARK_DONE, [(key, expires) for key in done])
             conn.execute("COMMIT")
@@ -868,6 +969,18 @@ def _check_deferred_key(key: object) -> None:
             key.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise InvalidMessage(f"a dedup key must be encodable as UTF-8, got {key!r}") from exc
+
+
+_NEEDS_ESCAPING = re.compile(r'[\x00-\x1f\\]')
+
+
+def _dumps_keys(keys: list[str]) -> str:
+    """``keys`` as a JSON array: joined as they are when none needs escaping (ten times cheaper
+    than json.dumps, which matters for a batch's keys on the consumer thread)."""
+    joined = '","'.join(keys)
+    if keys and joined.count('"') == 2 * (len(keys) - 1) and _NEEDS_ESCAPING.search(joined) is None:
+        return f'["{joined}"]'
+    return _dumps(keys)
 
 
 def _dumps(value: object) -> str:

@@ -58,7 +58,7 @@ from .._errors import (
     InvalidMessage,
     ReliableMessagingError,
 )
-from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
+from .._handling import BATCHED, ConsumerStats, Disposition, HandlerRunner, Outcome
 from .._message import ATTEMPT_HEADER, MESSAGE_ID_HEADER
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._config import CommitMode, KafkaConsumerConfig, KafkaProducerConfig
@@ -206,7 +206,8 @@ class KafkaConsumer:
         self._decoding = decoder is not None
         self._runner.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0,
                                          "durable_failures": 0})
-        self._prefetch = self._runner.prefetches
+        # A pipelined dedup store keyed by message id: claims and done records go per fetched batch.
+        self._batching = self._runner.prefetches
         self._levels = max(1, retry.max_attempts - 1)
         self._topics = names
         self._origin: dict[str, str] = {t: t for t in names}
@@ -250,6 +251,7 @@ class KafkaConsumer:
         # commit future, in the order the store resolves them; see _drain_durable.
         self._durable: deque[tuple[Future[None], list[tuple[TopicPartitionKey, int]]]] = deque()
         self._durable_count = 0
+        self._runner.durable_sink = self._durable.append
         self._revoking: set[TopicPartitionKey] = set()
         self._skip: set[TopicPartitionKey] = set()  # partitions rewound during the current batch
 
@@ -402,21 +404,25 @@ class KafkaConsumer:
         deferred = self._skip
         deferred.clear()
         stop = self._stop
-        if self._prefetch:  # a pipelined dedup store looks the batch's message ids up at once
+        if self._batching:  # claim the batch's message ids at once
             prefix = self._runner.key_prefix or ""
-            self._runner.prefetch_keys([prefix + _record_id(raw) for raw in records if raw.error() is None])
-        for raw in records:
-            if stop.is_set():
-                return  # the rest is neither processed nor committed: the next owner reads it again
-            err = raw.error()
-            if err is not None:
-                self._on_fetch_error(err)
-                continue
-            tp = (raw.topic() or "", raw.partition() or 0)
-            if deferred and tp in deferred:
-                continue  # its partition was rewound: these records come again
-            if not self._handle(raw, tp):
-                deferred.add(tp)
+            self._runner.begin_batch([prefix + _record_id(raw) for raw in records if raw.error() is None])
+        try:
+            for raw in records:
+                if stop.is_set():
+                    return  # the rest is neither processed nor committed: the next owner reads it again
+                err = raw.error()
+                if err is not None:
+                    self._on_fetch_error(err)
+                    continue
+                tp = (raw.topic() or "", raw.partition() or 0)
+                if deferred and tp in deferred:
+                    continue  # its partition was rewound: these records come again
+                if not self._handle(raw, tp):
+                    deferred.add(tp)
+        finally:
+            if self._batching:  # done records to the store; claims of records not processed released
+                self._runner.end_batch()
         if self._durable:
             self._drain_durable()
 
@@ -451,7 +457,13 @@ class KafkaConsumer:
         if self._bounded and self._in_flight_count + self._since_commit + self._durable_count >= self._commit_every:
             self._bound_uncommitted()
         if outcome is None:
-            outcome = self._runner.invoke(message)
+            if self._batching:
+                outcome = self._runner.invoke_batched(message, (tp, offset))
+                if outcome is BATCHED:  # processed; durable with its batch's done records (_durable)
+                    self._durable_count += 1
+                    return True
+            else:
+                outcome = self._runner.invoke(message)
             if outcome.disposition is Disposition.RETRY and not self._retry_topics:
                 outcome, message = self._retry_in_place(message, outcome)
                 if outcome is None:
@@ -700,6 +712,8 @@ class KafkaConsumer:
         previous one is still unanswered (or failed) when the next record would
         exceed the bound, commit synchronously before processing it.
         """
+        if self._batching:
+            self._runner.flush_done()  # the current batch's done records so far: into _durable
         if self._durable:
             self._drain_durable(_DURABLE_WAIT, settle=False)
         self._commit_sync(None, "the previous commit is still unanswered")

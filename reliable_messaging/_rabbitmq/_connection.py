@@ -301,6 +301,13 @@ class IOThread:
             self._ioloop.start()
         except pika.exceptions.AMQPError as exc:
             raise map_pika_error(exc, what=f"{self.role} connection") from exc
+        except ValueError as exc:
+            # pika's connect callback raises this when the peer resets the socket as soon as it is
+            # accepted (a refusing proxy, a broker at its socket limit): a failed attempt like any other.
+            if "getpeername() failed" not in str(exc):
+                raise
+            raise BrokerUnavailable(f"{self.role} connecting to {self._params.host}:{self._params.port}: "
+                                    f"the connection was reset as it was accepted") from exc
         finally:
             was_ready, self._ready = self._ready, False
             self._connection = None
@@ -312,10 +319,17 @@ class IOThread:
             raise self._open_error or BrokerUnavailable(f"{self.role}: connection closed before it was set up")
         # A set-up connection was lost: return, and the caller starts a fresh backoff.
 
+    # An attempt that failed inside pika (see _run_connection) may leave timers on the shared I/O loop
+    # that call back later: callbacks from any connection but the current one are ignored.
+
     def _on_open(self, connection: pika.SelectConnection) -> None:
+        if connection is not self._connection:
+            return
         self.on_connection_open(connection)
 
     def _on_open_error(self, connection: pika.SelectConnection, exc: BaseException) -> None:
+        if connection is not self._connection:
+            return
         mapped = _map(exc, f"{self.role} connecting to {self._params.host}:{self._params.port}")
         if isinstance(mapped, BrokerUnavailable):
             self._open_error = mapped
@@ -324,6 +338,8 @@ class IOThread:
         self._ioloop.stop()
 
     def _on_closed(self, connection: pika.SelectConnection, reason: BaseException) -> None:
+        if connection is not self._connection:
+            return
         error = _map(reason, f"{self.role} connection")
         if self._ready and not self._closing.is_set():
             logger.warning("%s lost its connection: %s", self.role, error)
