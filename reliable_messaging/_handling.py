@@ -147,6 +147,10 @@ class HandlerRunner(Generic[M]):
         self.key_prefix: str | None = "" if dedup_key is None else (
             dedup_key.prefix if isinstance(dedup_key, MessageIdKey) else None)
         """The dedup key is ``key_prefix + message id`` (None: another key function)."""
+        self.batches = dedup is not None and dedup.batched and self.key_prefix is not None
+        """Whether a consumer that fetches batches should use :meth:`begin_batch` / :meth:`invoke_batched`:
+        a store with batch operations, keyed by the message id (read from raw records before the
+        messages are built)."""
         self.prefetches = self.pipelined and self.key_prefix is not None
         """Whether :meth:`prefetch_keys` helps: a pipelined store keyed by the message id, which a
         consumer can read from a raw record before building the message."""
@@ -250,7 +254,7 @@ class HandlerRunner(Generic[M]):
         """
         if self._claimed:
             self._release_unused()
-        if self.prefetches and self.dedup is not None and keys:
+        if self.batches and self.dedup is not None and keys:
             try:
                 self._claimed = self.dedup.claim_batch(keys)
             except StoreUnavailable as exc:  # each message then claims on its own, and reports it

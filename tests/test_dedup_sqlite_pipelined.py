@@ -16,6 +16,7 @@ from reliable_messaging import (
     ClaimResult,
     ClosedError,
     ConfigurationError,
+    DedupStore,
     Disposition,
     InvalidMessage,
     MemoryDedupStore,
@@ -384,8 +385,16 @@ def test_mark_done_batch_refuses_a_key_sqlite_cannot_store(stores: list[SQLiteDe
         store.mark_done_batch(["ok", "\ud800"])
 
 
+class OneByOneStore(MemoryDedupStore):
+    """A store with no batch operations of its own: the DedupStore defaults."""
+
+    batched = False
+    claim_batch = DedupStore.claim_batch
+    mark_done_batch = DedupStore.mark_done_batch
+
+
 def test_the_default_mark_done_batch_combines_the_futures_of_any_store() -> None:
-    store = MemoryDedupStore()
+    store = OneByOneStore()
     future = store.mark_done_batch(["a", "b"])
     assert future.result(1) is None
     assert store.claim("a") is DONE and store.claim("b") is DONE

@@ -121,6 +121,11 @@ class DedupStore(abc.ABC):
             future.set_result(None)
         return future
 
+    batched: ClassVar[bool] = False
+    """True if the store implements :meth:`claim_batch` and :meth:`mark_done_batch` itself, cheaper
+    than one call per key: a consumer that fetches batches (Kafka) then claims and records a whole
+    batch at once."""
+
     def claim_batch(self, keys: Iterable[str]) -> dict[str, ClaimResult]:
         """:meth:`claim_deferred` for a fetched batch's keys at once, as far as the store can.
 

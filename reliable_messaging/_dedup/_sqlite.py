@@ -228,6 +228,7 @@ class SQLiteDedupStore(DedupStore):
     """
 
     pipelined = True
+    batched = True
 
     def __init__(
         self,

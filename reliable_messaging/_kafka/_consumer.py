@@ -207,7 +207,7 @@ class KafkaConsumer:
         self._runner.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0,
                                          "durable_failures": 0})
         # A pipelined dedup store keyed by message id: claims and done records go per fetched batch.
-        self._batching = self._runner.prefetches
+        self._batching = self._runner.batches
         self._levels = max(1, retry.max_attempts - 1)
         self._topics = names
         self._origin: dict[str, str] = {t: t for t in names}
