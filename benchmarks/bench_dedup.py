@@ -24,6 +24,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pika
+
 from reliable_messaging import Broker, DedupStore, MemoryDedupStore, Message, SQLiteDedupStore, connect
 
 TARGETS = {"memory": 0.10, "sqlite": 0.20}
@@ -103,13 +105,33 @@ def bench_rabbitmq(messages: int, repeat: int, directory: Path) -> Results:
                 broker.publish(queue, b"x" * 100)
             assert broker.flush(120), "publishing the benchmark's messages did not finish"
         time.sleep(2)  # let the broker finish writing the persistent messages
-        for _, kind, queue in runs:
-            store = _store(kind, directory)
-            seconds, cpu = _consume(broker, queue, queue, messages, store)
-            results[kind].append((messages / seconds, cpu / messages * 1e6))
-            if store is not None:
-                store.close()
+        try:
+            for _, kind, queue in runs:
+                store = _store(kind, directory)
+                seconds, cpu = _consume(broker, queue, queue, messages, store)
+                results[kind].append((messages / seconds, cpu / messages * 1e6))
+                if store is not None:
+                    store.close()
+        finally:
+            _delete(broker, [queue for _, _, queue in runs])
     return results
+
+
+def _delete(broker: Broker, sources: list[str]) -> None:
+    """Delete the benchmark's queues and exchanges: durable leftovers slow every later broker restart."""
+    params = pika.URLParameters(_rabbitmq_url())
+    params.socket_timeout = 5
+    connection = pika.BlockingConnection(params)
+    try:
+        channel = connection.channel()
+        for source in sources:
+            topology = broker.topology(source)  # type: ignore[attr-defined]
+            for queue in topology.queues:
+                channel.queue_delete(queue.name)
+            for exchange in topology.exchanges:
+                channel.exchange_delete(exchange.name)
+    finally:
+        connection.close()
 
 
 def report(label: str, results: Results) -> list[str]:
@@ -137,7 +159,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=None,
                         help="messages per run (default: Kafka 200000, RabbitMQ 20000: runs of a second or more)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--broker", choices=["kafka", "rabbitmq", "both"], default="both")
     args = parser.parse_args()
     runs: list[tuple[str, Callable[[int, int, Path], Results], int]] = []

@@ -8,6 +8,7 @@ import pytest
 
 import reliable_messaging as rm
 from reliable_messaging import ConfigurationError, Guarantee, MemoryDedupStore, SQLiteDedupStore, connect
+from reliable_messaging._facade import PIPELINED_DEDUP_PREFETCH
 
 KAFKA = "kafka://127.0.0.1:1,127.0.0.1:2"  # nothing listens there: connect() must not connect
 AMQP = "amqp://user:secret@127.0.0.1:1/%2F"
@@ -113,3 +114,13 @@ def test_dead_letter_sources() -> None:
     with connect(KAFKA) as kafka, connect(AMQP) as rabbit:
         assert kafka.dead_letter_source("orders") == "orders.DLT"
         assert rabbit.dead_letter_source("orders") == "orders.dlq"
+
+
+def test_a_pipelined_dedup_store_widens_the_rabbitmq_prefetch_unless_it_is_set(tmp_path: Path) -> None:
+    """Acks wait for the SQLite group commit, so the window of unacknowledged deliveries must cover it."""
+    with connect(AMQP, guarantee="effectively-once", dedup_path=tmp_path / "a.sqlite3") as broker:
+        assert broker.consumer("orders", lambda m: None).config.prefetch == PIPELINED_DEDUP_PREFETCH == 500
+    with connect(AMQP, guarantee="effectively-once", dedup_path=tmp_path / "b.sqlite3", prefetch=50) as broker:
+        assert broker.consumer("orders", lambda m: None).config.prefetch == 50
+    with connect(AMQP, guarantee="effectively-once", dedup=MemoryDedupStore()) as broker:
+        assert broker.consumer("orders", lambda m: None).config.prefetch == 100

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pika
 import pika.exceptions
@@ -16,7 +17,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient
 
-from reliable_messaging.testing import KafkaEndpoint, RabbitMQEndpoint
+from reliable_messaging.testing import KafkaEndpoint, RabbitMQEndpoint, _local
 from reliable_messaging.testing.plugin import BrokerFaults, ProxiedEndpoint
 
 pytestmark = pytest.mark.timeout(240)
@@ -122,6 +123,19 @@ def test_kafka_sigkill_and_restart_keeps_acknowledged_message(
 @pytest.mark.rabbitmq
 @pytest.mark.fault
 @pytest.mark.slow
+def test_the_local_rabbitmq_node_may_open_more_than_1024_files(rabbitmq_endpoint: RabbitMQEndpoint) -> None:
+    """RabbitMQ budgets file handles from its open-files limit: at runuser's default 1024, a node holding
+    more durable queues than that (a suite run many times against one node) recovered them so slowly
+    after a SIGKILL that the restart tests timed out. ``scripts/brokers`` raises it to the hard limit."""
+    node = _local.rabbitmq_node()
+    pid = node.pid()
+    if pid is None or not node.is_running():
+        pytest.skip("RabbitMQ is not one this machine's scripts/brokers started")
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    soft = int(next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3])
+    assert soft > 1024, limits
+
+
 def test_rabbitmq_sigkill_and_restart_keeps_confirmed_persistent_message(
     rabbitmq_endpoint: RabbitMQEndpoint, broker_faults: BrokerFaults, queue_name: str, connection_name: str
 ) -> None:

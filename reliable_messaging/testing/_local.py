@@ -716,7 +716,11 @@ def _rabbitmq_spawn(node: LocalNode) -> None:
     env = _rabbitmq_env(node)
     node.pid_file.unlink(missing_ok=True)
     log = node.log_file
-    cmd = _as_rabbitmq_user([_rabbitmq_bin("rabbitmq-server"), "-detached"], env)
+    # runuser's PAM session starts at a soft limit of 1024 open files, which RabbitMQ reads as its file
+    # handle budget: a node recovering more durable queues than that (a test suite run many times on
+    # one node) crawls. Raise the soft limit to the hard one, as the packaged systemd unit does.
+    raise_nofile = 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"'
+    cmd = _as_rabbitmq_user(["sh", "-c", raise_nofile, "sh", _rabbitmq_bin("rabbitmq-server"), "-detached"], env)
     with open(log, "ab") as out:
         subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=60, check=False,
                        cwd=node.directory)
