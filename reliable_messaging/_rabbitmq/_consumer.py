@@ -69,7 +69,7 @@ import pika.spec
 
 from .._dedup._base import DedupStore
 from .._errors import ClosedError, ConfigurationError, ConsumerCancelled, ReliableMessagingError
-from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
+from .._handling import BATCHED, ConsumerStats, Disposition, HandlerRunner, Outcome
 from .._message import ATTEMPT_HEADER, Message
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._config import RabbitMQAckMode, RabbitMQConsumerConfig, RabbitMQRetryMode, connection_parameters
@@ -741,18 +741,52 @@ class RabbitMQConsumer:
                     break
                 if item[0] == engine.generation:
                     batch.append((item, *self._message(engine, item)))
-            runner.prefetch([message for _item, message, bad in batch if bad is None])
+            if runner.batches:
+                self._handle_batched(engine, batch)
+            else:
+                runner.prefetch([message for _item, message, bad in batch if bad is None])
+                for item, message, outcome in batch:
+                    if stopping.is_set():
+                        return  # the rest go back to the queue when the channel closes
+                    if item[0] != engine.generation:
+                        continue  # its channel is gone; the broker redelivers it
+                    if outcome is None:
+                        outcome = runner.invoke(message)
+                    results.append((item[0], outcome, (message,), (item[2],)))
+                    engine.wake()
+            if ended or stopping.is_set():
+                return
+
+    def _handle_batched(self, engine: _Engine, batch: list[tuple[_Delivery, RabbitMQMessage, Outcome | None]]) -> None:
+        """The waiting deliveries through the runner's batched path: their ids claimed at once, their done
+        records queued at once; each group commit's messages go to the I/O thread as one result."""
+        results, runner, stopping = engine.results, self.runner, self._stopping
+        durable: list[tuple[Future[None], list[Any]]] = []
+        runner.durable_sink = durable.append
+        prefix = runner.key_prefix or ""
+        runner.begin_batch([prefix + message.message_id for _item, message, bad in batch
+                            if bad is None and message.message_id])
+        try:
             for item, message, outcome in batch:
                 if stopping.is_set():
                     return  # the rest go back to the queue when the channel closes
                 if item[0] != engine.generation:
                     continue  # its channel is gone; the broker redelivers it
                 if outcome is None:
-                    outcome = runner.invoke(message)
+                    outcome = runner.invoke_batched(message, (item[0], message, item[2]))
+                    if outcome is BATCHED:
+                        continue  # acked once its batch's done records are durable (below)
                 results.append((item[0], outcome, (message,), (item[2],)))
                 engine.wake()
-            if ended:
-                return
+        finally:
+            runner.end_batch()  # hands the done records over (into ``durable``), releases unused claims
+            for future, refs in durable:
+                ack = Outcome(Disposition.ACK, durable=future)
+                for gen in dict.fromkeys(ref[0] for ref in refs):  # one generation, unless a reconnect came between
+                    mine = [ref for ref in refs if ref[0] == gen]
+                    results.append((gen, ack, tuple(ref[1] for ref in mine), tuple(ref[2] for ref in mine)))
+            if durable:
+                engine.wake()
 
     def _work_batches(self, engine: _Engine) -> None:
         deliveries, results, runner = engine.deliveries, engine.results, self.runner
