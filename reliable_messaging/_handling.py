@@ -27,7 +27,7 @@ import enum
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -151,9 +151,6 @@ class HandlerRunner(Generic[M]):
         """Whether a consumer that fetches batches should use :meth:`begin_batch` / :meth:`invoke_batched`:
         a store with batch operations, keyed by the message id (read from raw records before the
         messages are built)."""
-        self.prefetches = self.pipelined and self.key_prefix is not None
-        """Whether :meth:`prefetch_keys` helps: a pipelined store keyed by the message id, which a
-        consumer can read from a raw record before building the message."""
         self._unflushed = False
         # The batched path (invoke_batched): claims taken for the current batch, and the done records
         # of its messages processed so far, with their refs, not yet handed to the store.
@@ -243,7 +240,7 @@ class HandlerRunner(Generic[M]):
         self._last_durable, self._last_outcome = durable, outcome
         return outcome
 
-    # -- the batched path (a pipelined store keyed by message id; Kafka) ---------------------------
+    # -- the batched path (a store with batch operations, keyed by message id; see ``batches``) -----
 
     def begin_batch(self, keys: Sequence[str]) -> None:
         """Claim a fetched batch's dedup keys at once (:meth:`DedupStore.claim_batch`).
@@ -322,14 +319,10 @@ class HandlerRunner(Generic[M]):
                 self._release(key)
 
     def prefetch(self, messages: Sequence[M]) -> None:
-        """A pipelined store looks up the dedup keys of a batch about to be invoked in one round trip."""
-        if self.pipelined and messages:
-            self.prefetch_keys([self.dedup_key(m) for m in messages])
-
-    def prefetch_keys(self, keys: Iterable[str]) -> None:
-        """As :meth:`prefetch`, with the keys already known (Kafka reads message ids from raw records)."""
-        if self.pipelined and self.dedup is not None:
-            self.dedup.prefetch(keys)
+        """A pipelined store looks up the dedup keys of messages about to be invoked in one round trip
+        (for a key function other than :class:`MessageIdKey`, where the batched path does not apply)."""
+        if self.pipelined and messages and self.dedup is not None:
+            self.dedup.prefetch([self.dedup_key(m) for m in messages])
 
     def flush(self) -> None:
         """The consumer is idle (nothing fetched): ask a pipelined store to commit what is queued now."""
@@ -417,7 +410,7 @@ class MessageIdKey:
     """A dedup key function: ``prefix`` + the message id ("" for a message without one: no dedup).
 
     The runner recognises it, so a consumer can compute the keys of a fetched batch from its raw
-    records and :meth:`HandlerRunner.prefetch_keys` them before building the messages.
+    records and claim them at once (:meth:`HandlerRunner.begin_batch`) before building the messages.
     """
 
     __slots__ = ("prefix",)

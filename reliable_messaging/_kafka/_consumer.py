@@ -206,7 +206,7 @@ class KafkaConsumer:
         self._decoding = decoder is not None
         self._runner.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0,
                                          "durable_failures": 0})
-        # A pipelined dedup store keyed by message id: claims and done records go per fetched batch.
+        # A dedup store with batch operations, keyed by message id: claims and done records go per fetched batch.
         self._batching = self._runner.batches
         self._levels = max(1, retry.max_attempts - 1)
         self._topics = names
