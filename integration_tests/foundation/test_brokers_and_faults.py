@@ -123,14 +123,17 @@ def test_kafka_sigkill_and_restart_keeps_acknowledged_message(
 @pytest.mark.rabbitmq
 @pytest.mark.fault
 @pytest.mark.slow
+@pytest.mark.fault
 def test_the_local_rabbitmq_node_may_open_more_than_1024_files(rabbitmq_endpoint: RabbitMQEndpoint) -> None:
     """RabbitMQ budgets file handles from its open-files limit: at runuser's default 1024, a node holding
     more durable queues than that (a suite run many times against one node) recovered them so slowly
-    after a SIGKILL that the restart tests timed out. ``scripts/brokers`` raises it to the hard limit."""
-    node = _local.rabbitmq_node()
+    after a SIGKILL that the restart tests timed out. ``scripts/brokers`` raises it to the hard limit.
+
+    Like every fault test it needs the node this run controls, and fails (not skips) without one."""
+    node = rabbitmq_endpoint.controllable_node()
+    assert isinstance(node, _local.LocalNode), "checks how scripts/brokers starts RabbitMQ (-m 'not fault')"
     pid = node.pid()
-    if pid is None or not node.is_running():
-        pytest.skip("RabbitMQ is not one this machine's scripts/brokers started")
+    assert pid is not None and node.is_running(), "the RabbitMQ node scripts/brokers started is not running"
     limits = Path(f"/proc/{pid}/limits").read_text()
     soft = int(next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3])
     assert soft > 1024, limits

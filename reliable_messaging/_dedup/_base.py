@@ -26,7 +26,7 @@ database can close that window by writing the key in their own transaction.
 the consumer wait for one commit per message. Such a store sets :attr:`DedupStore.pipelined`
 and offers a non-blocking path, which the handler runner then uses instead:
 :meth:`~DedupStore.claim_deferred` (answered from in-process state or one lookup; the claim
-reaches other processes with the store's next group commit), :meth:`~DedupStore.mark_done_deferred`
+reaches other processes with a later group commit of the store), :meth:`~DedupStore.mark_done_deferred`
 (returns a future resolved once the done record is durable), :meth:`~DedupStore.prefetch`
 (look up a fetched batch's keys at once) and :meth:`~DedupStore.flush` (the consumer is idle:
 write now). The consumers then acknowledge a message only when its future has resolved, as a

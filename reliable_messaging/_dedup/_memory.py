@@ -81,6 +81,12 @@ def _plain_key(key: object) -> str:
     return str.__str__(cast(str, key))
 
 
+def _exact_keys(keys: list[str]) -> bool:
+    """Whether ``keys`` is non-empty and every key a non-empty exact ``str`` (checked without a Python loop):
+    what the lock-free batch paths take; anything else goes key by key."""
+    return bool(keys) and set(map(type, keys)) == {str} and "" not in keys
+
+
 _owners = threading.local()
 """This thread's owner token for memory-store claims (``_owners.token``, made on first use)."""
 
@@ -210,7 +216,7 @@ class MemoryDedupStore(DedupStore):
         plain non-empty ``str``, and on a free-threaded build (no GIL).
         """
         wanted = list(keys)
-        if not wanted or not _LOCK_FREE or set(map(type, wanted)) != {str} or "" in wanted:
+        if not _LOCK_FREE or not _exact_keys(wanted):
             return {}
         entries = self._entries  # read before _closed, as in claim()
         if self._closed:
@@ -229,7 +235,7 @@ class MemoryDedupStore(DedupStore):
     def mark_done_batch(self, keys: Iterable[str]) -> Future[None]:
         """:meth:`mark_done` for several keys under one lock; the future is already resolved."""
         wanted = list(keys)
-        if not wanted or set(map(type, wanted)) != {str} or "" in wanted:
+        if not _exact_keys(wanted):
             return super().mark_done_batch(wanted)  # one by one: refuses a bad key as mark_done does
         now = self._clock()
         lock = self._lock

@@ -55,8 +55,9 @@ microseconds), short enough that a stuck lock holder is reported, not waited on 
 DEFAULT_GROUP_COMMIT_INTERVAL = 0.005
 """Seconds the writer thread lets deferred records accumulate before it commits them (unless
 ``group_commit_size`` of them are queued first, or the consumer said it is idle): the most a
-deferred acknowledgement waits for the store, and the delay with which other processes see a
-deferred claim."""
+deferred acknowledgement waits for the store. Other processes see a deferred claim within two
+intervals: a claim row waits one group commit, by which time most messages are done (see
+``_group_commit``)."""
 
 DEFAULT_GROUP_COMMIT_SIZE = 1000
 """Deferred done records that make the writer commit at once, without waiting for the interval."""
@@ -190,10 +191,11 @@ class SQLiteDedupStore(DedupStore):
     durable done record. :meth:`claim_deferred` answers from this process's state — its own
     claims, done records queued or being written (it waits for those: ``DONE`` means durable),
     the keys of the last group commits — or from one lookup (:meth:`prefetch` looks up a whole
-    fetched batch with one ``SELECT``). What the pipelined path gives up: **a claim becomes
-    visible to other processes only with the next group commit** (≤ ``group_commit_interval``
-    later), so two processes sharing the file may both run the handler for a message delivered
-    to both within that window (a claim row the writer finds already taken is logged).
+    fetched batch with one ``SELECT``; :meth:`claim_batch` claims one). What the pipelined path
+    gives up: **a claim becomes visible to other processes only with a later group commit**
+    (≤ two ``group_commit_interval`` later, sooner when the consumer is idle), so two processes
+    sharing the file may both run the handler for a message delivered to both within that window
+    (a claim row the writer finds already taken is logged).
     Consumers racing on the same message ids belong on
     :class:`~reliable_messaging._dedup.RedisDedupStore`. Within one process, claims are exact.
     A group commit that fails (locked file, disk full) fails its future with
@@ -464,7 +466,7 @@ class SQLiteDedupStore(DedupStore):
     # -- the pipelined path -------------------------------------------------------------------------------
 
     def claim_deferred(self, key: str) -> ClaimResult:
-        """Claim ``key`` for this thread; the claim row reaches the file with the next group commit.
+        """Claim ``key`` for this thread; the claim row reaches the file with a later group commit.
 
         Answered from this process's state when it knows the key, else from :meth:`prefetch`'s
         lookup or one ``SELECT``. ``DONE`` only once the done record is durable (a queued one is
@@ -567,11 +569,7 @@ class SQLiteDedupStore(DedupStore):
         :meth:`claim_deferred` to decide when its message comes. A failed lookup leaves out every key.
         """
         wanted = set(keys)
-        try:
-            plain = "".join(wanted).isascii() and "" not in wanted
-        except TypeError:  # not all str
-            plain = False
-        if not plain:  # rare: keep the keys the fast path can take, leave the rest out
+        if not _plain_keys(wanted):  # rare: keep the keys the fast path can take, leave the rest out
             wanted = {key for key in wanted if key.__class__ is str and key and key.isascii()}
         if not wanted:
             return {}
@@ -615,11 +613,7 @@ class SQLiteDedupStore(DedupStore):
     def mark_done_batch(self, keys: Iterable[str]) -> Future[None]:
         """:meth:`mark_done_deferred` for several keys at once: one pass under the lock, one future."""
         keyset = set(keys)
-        try:
-            plain = "".join(keyset).isascii() and "" not in keyset
-        except TypeError:
-            plain = False
-        if not plain:
+        if not _plain_keys(keyset):
             for key in keyset:
                 _check_deferred_key(key)
         with self._mutex:
@@ -959,6 +953,14 @@ class SQLiteDedupStore(DedupStore):
         for connection in (conn, reader):
             if connection is not None:
                 connection.close()
+
+
+def _plain_keys(keys: set[str]) -> bool:
+    """Whether every key is a non-empty ASCII ``str`` (checked in C: one join, no Python loop)."""
+    try:
+        return "".join(keys).isascii() and "" not in keys
+    except TypeError:  # not all str
+        return False
 
 
 def _check_deferred_key(key: object) -> None:
