@@ -16,6 +16,9 @@ from reliable_messaging.testing import FaultsUnsupported, KafkaEndpoint, RabbitM
 class _Echo(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         while data := self.request.recv(65536):
+            received = getattr(self.server, "received", None)
+            if received is not None:
+                received.append(data)
             self.request.sendall(data)
 
 
@@ -83,6 +86,34 @@ def test_cut_resets_live_connections(echo_server: tuple[str, int]) -> None:
         # A new connection works again.
         with socket.create_connection((proxy.host, proxy.port), timeout=5) as again:
             assert _roundtrip(again, b"pong") == b"pong"
+
+
+def test_withhold_replies_delivers_requests_but_drops_answers_until_the_cut() -> None:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    server.received = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with TcpProxy(*server.server_address) as proxy:
+            sock = socket.create_connection((proxy.host, proxy.port), timeout=5)
+            assert _roundtrip(sock, b"before") == b"before"
+            assert proxy.withhold_replies() == 1
+            sock.sendall(b"lost-answer")
+            deadline = time.monotonic() + 5
+            while b"".join(server.received) != b"beforelost-answer" and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                time.sleep(0.01)
+            assert b"".join(server.received) == b"beforelost-answer"  # type: ignore[attr-defined]
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                sock.recv(16)  # the upstream answered; the proxy dropped it
+            assert proxy.cut() == 1
+            assert _broken(sock)
+            sock.close()
+            with socket.create_connection((proxy.host, proxy.port), timeout=5) as again:
+                assert _roundtrip(again, b"after") == b"after"  # new connections are not withheld
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_refuse_then_accept(echo_server: tuple[str, int]) -> None:

@@ -162,18 +162,27 @@ def test_isr_below_min_insync_replicas_is_not_enough_replicas(
     leader, _ = partition_state(bootstrap, topic)
     follower = next(n for n in (1, 2, 3) if n != leader)
     broker_faults.kill(kafka_cluster.node(follower))
-    # The remaining quorum fences the dead node and shrinks the ISR to 2 < 3. Waited for as the leader
-    # sees it: a produce that reaches the leader before it applied the shrink is appended and then waits
-    # for the dead replica, unanswered until the request times out (seen twice in ~20 full-suite runs
-    # while this waited on any broker's metadata).
+    # The remaining quorum fences the dead node and shrinks the ISR to 2 < 3; waited for as the leader
+    # reports it. Its metadata answer can still run ahead of the partition state it appends with: a
+    # produce that lands in that gap is appended while the ISR still counts 3, and then never answered,
+    # since Kafka 4 holds the high watermark while the ISR is below min.insync.replicas (KIP-966). The
+    # future fails with DeliveryTimeout ("may or may not have been stored": it was, and becomes visible
+    # once the ISR recovers). Of 47 runs in one machine's broker logs (some under added CPU load), the 7
+    # that timed out each left the record in the leader's log (end offset 1), the 40 others did not.
     wait_for(lambda: follower not in isr_seen_by_leader(bootstrap, topic), 60, "the leader to shrink the ISR")
 
     bounded = KafkaProducerConfig(bootstrap_servers=bootstrap, enable_idempotence=False, retries=0,
-                                  delivery_timeout=10.0)
+                                  delivery_timeout=8.0)
+    raced: list[DeliveryTimeout] = []
     with KafkaProducer(bounded) as producer:
-        future = producer.publish(topic, b"needs three replicas")
-        with pytest.raises(NotEnoughReplicas) as info:
-            future.result(timeout=30)
+        while True:
+            future = producer.publish(topic, b"needs three replicas")
+            with pytest.raises((NotEnoughReplicas, DeliveryTimeout)) as info:
+                future.result(timeout=30)  # never a Delivery: no acks=all write succeeds with 2 of 3
+            if isinstance(info.value, NotEnoughReplicas):
+                break
+            raced.append(info.value)  # appended in the gap described above
+            assert len(raced) < 3, f"the leader still appends acks=all writes with ISR < 3: {raced}"
     assert info.value.code == "NOT_ENOUGH_REPLICAS" and info.value.retriable
     assert info.value.message_id == future.message_id
 

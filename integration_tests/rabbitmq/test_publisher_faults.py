@@ -23,7 +23,7 @@ from reliable_messaging import (
 from reliable_messaging.testing import RabbitMQEndpoint, wait_for
 from reliable_messaging.testing.plugin import BrokerFaults, ProxiedEndpoint
 
-from ._helpers import Admin
+from ._helpers import Admin, Got
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.fault]
 
@@ -53,7 +53,7 @@ class Producer(threading.Thread):
         return sum(1 for f in list(self.futures) if f.done() and f.exception(timeout=0) is None)
 
 
-def _assert_all_confirmed_and_stored(producer: Producer, admin: Admin, queue: str) -> None:
+def _assert_all_confirmed_and_stored(producer: Producer, admin: Admin, queue: str) -> list[Got]:
     assert producer.error is None, producer.error
     assert len(producer.futures) == producer.total
     failures = [f.exception(timeout=120) for f in producer.futures]
@@ -66,6 +66,7 @@ def _assert_all_confirmed_and_stored(producer: Producer, admin: Admin, queue: st
     # under the same message id (the body says which message it was).
     assert {int(g.body) for g in got} == set(range(producer.total))
     assert all(g.message_id == producer.futures[int(g.body)].message_id for g in got)
+    return got
 
 
 @pytest.mark.slow
@@ -105,6 +106,9 @@ def test_sigkill_and_restart_of_the_broker_loses_no_confirmed_message(
 def test_tcp_cuts_while_publishing_lose_no_confirmed_message(
     rabbitmq_proxy: ProxiedEndpoint, admin: Admin, queue_name: str, connection_name: str
 ) -> None:
+    """Each cut comes after the broker's answers stopped reaching the publisher (a one-way partition):
+    the broker has stored publishes whose confirms are lost, so the publisher must republish them, and
+    the queue holds those twice (same message id) - at-least-once, never less."""
     topology = RabbitMQTopology(queues=(RabbitMQQueue(name=queue_name),))
     admin.cleanup(topology)
     config = RabbitMQPublisherConfig(url=rabbitmq_proxy.address, connection_name=connection_name,
@@ -114,10 +118,15 @@ def test_tcp_cuts_while_publishing_lose_no_confirmed_message(
         producer.start()
         for threshold in (1500, 4000):
             wait_for(lambda t=threshold: producer.confirmed() >= t, 60, f"{threshold} confirms")
+            assert rabbitmq_proxy.proxy.withhold_replies() == 1
+            sent = len(producer.futures)
+            wait_for(lambda s=sent: len(producer.futures) >= s + 50, 30, "publishes after the confirms stopped")
+            time.sleep(0.3)  # let the broker take them in: their confirms are what gets lost
             assert rabbitmq_proxy.proxy.cut() == 1
         producer.join(60)
         assert publisher.flush(timeout=60)
         stats = publisher.stats
     assert stats.connections == 3
-    assert stats.republished > 0
-    _assert_all_confirmed_and_stored(producer, admin, queue_name)
+    assert stats.republished >= 100, stats
+    got = _assert_all_confirmed_and_stored(producer, admin, queue_name)
+    assert len(got) > producer.total, "publishes stored before their confirm was lost are stored twice"

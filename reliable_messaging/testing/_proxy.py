@@ -41,6 +41,7 @@ class TcpProxy:
         self._accepting.set()
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._withheld: set[tuple[socket.socket, socket.socket]] = set()
         self._threads: list[threading.Thread] = []
         self._closed = threading.Event()
         self.connections_total = 0
@@ -98,6 +99,7 @@ class TcpProxy:
         """Reset every live connection (both sides get RST). Returns how many were cut."""
         with self._lock:
             pairs, self._pairs = self._pairs, []
+            self._withheld.clear()
         for pair in pairs:
             for sock in pair:
                 _reset(sock)
@@ -105,6 +107,14 @@ class TcpProxy:
             self.cuts += 1
             logger.info("proxy %s: cut %d connection(s)", self._listen, len(pairs))
         return len(pairs)
+
+    def withhold_replies(self) -> int:
+        """Drop every byte the upstream sends on the live connections from now on, while the client's
+        bytes still reach it: a one-way partition, so the broker acts on requests whose answers (confirms,
+        acks) never arrive. Lasts until :meth:`cut`. Returns how many connections it applies to."""
+        with self._lock:
+            self._withheld.update(self._pairs)
+            return len(self._pairs)
 
     def refuse(self) -> None:
         """Close new connections at once (the client sees its connection reset) until :meth:`accept`."""
@@ -151,6 +161,8 @@ class TcpProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if src is upstream and (client, upstream) in self._withheld:
+                    continue  # withhold_replies(): the answer is lost on the way
                 dst.sendall(data)
         except OSError:
             pass  # the other direction or cut() closed the sockets: this pipe is done
@@ -158,6 +170,7 @@ class TcpProxy:
         with self._lock:
             if (client, upstream) in self._pairs:
                 self._pairs.remove((client, upstream))
+            self._withheld.discard((client, upstream))
         for sock in (client, upstream):
             with contextlib.suppress(OSError):  # already closed or reset
                 sock.shutdown(socket.SHUT_RDWR)
