@@ -11,7 +11,9 @@ handler), then sleeps ``--sleep`` seconds, the time a test has to kill it mid-pr
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,10 @@ def main() -> int:
     parser.add_argument("--prefetch", type=int, default=10)
     parser.add_argument("--sleep", type=float, default=60.0)
     args = parser.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that times out asks for the stacks
+    # Ctrl-C as in a terminal, even when the test run inherited SIGINT ignored (a shell without job
+    # control starts `cmd &` so; Python then installs no KeyboardInterrupt handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     log = open(args.log, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
 
     def handler(message: RabbitMQMessage) -> None:

@@ -40,11 +40,17 @@ class ConsumerProcess:
 
     def __init__(self, url: str, queue: str, log: Path, *, ack_mode: str, prefetch: int, sleep: float) -> None:
         self.log = log
+        # stderr to a file, not a pipe: a pipe nobody reads blocks a chatty process once it is full
+        self.stderr_path = log.with_suffix(".stderr")
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "integration_tests.rabbitmq.consumer_process", "--url", url, "--queue", queue,
              "--log", str(log), "--ack-mode", ack_mode, "--prefetch", str(prefetch), "--sleep", str(sleep)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True,
         )
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
     def lines(self) -> list[list[str]]:
         if not self.log.exists():
@@ -54,11 +60,22 @@ class ConsumerProcess:
     def wait_for_lines(self, count: int, timeout: float) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
-                stderr = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise AssertionError(f"consumer process exited with {self.proc.returncode}: {stderr[-2000:]}")
+                raise AssertionError(f"consumer process exited with {self.proc.returncode}: {self.stderr()[-2000:]}")
             return len(self.lines()) >= count
 
         wait_for(ready, timeout, f"the consumer process to handle {count} message(s)")
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code; if the process is still running after ``timeout``, fail with its threads' stacks."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGUSR1)  # consumer_process.py dumps every thread's stack
+            time.sleep(1.0)
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            stacks = self.stderr()[-6000:]
+            raise AssertionError(f"the consumer process did not exit within {timeout}s:\n{stacks}") from None
 
     def sigkill(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
@@ -69,8 +86,7 @@ class ConsumerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        self._stderr.close()
 
 
 @pytest.fixture
@@ -123,7 +139,7 @@ def test_ctrl_c_stops_gracefully_finishing_and_acking_the_current_message(
     processes.append(proc)
     proc.wait_for_lines(1, 30)
     proc.proc.send_signal(signal.SIGINT)  # run() turns Ctrl-C into stop()
-    assert proc.proc.wait(timeout=20) == 0
+    assert proc.wait_exit(20) == 0
     handled = [line[0] for line in proc.lines()]
     assert handled == ["m-00"], "stop() lets the current message finish and takes no new one"
     # The finished message was acknowledged before the channel closed; the prefetched ones went back.
