@@ -96,21 +96,36 @@ def make(mode: CommitMode, handler: Any = None, **kwargs: Any) -> tuple[KafkaCon
     return consumer, client
 
 
-def test_manual_batch_commits_asynchronously_every_half_batch() -> None:
-    consumer, client = make(CommitMode.MANUAL_BATCH, commit_every=10)
-    consumer._handle_batch([record(o) for o in range(5)])
-    assert client.commits == [("async", {(TOPIC, 0): 5})]
-    consumer._on_commit(None, [TopicPartition(TOPIC, 0, 5)])  # the broker answers
-    consumer._handle_batch([record(o) for o in range(5, 10)])
-    assert client.commits[-1] == ("async", {(TOPIC, 0): 10})
+def test_manual_batch_commits_asynchronously_every_quarter_batch_one_at_a_time() -> None:
+    consumer, client = make(CommitMode.MANUAL_BATCH, commit_every=12)
+    consumer._handle_batch([record(o) for o in range(3)])
+    assert client.commits == [("async", {(TOPIC, 0): 3})]
+    consumer._handle_batch([record(o) for o in range(3, 7)])
+    assert client.commits == [("async", {(TOPIC, 0): 3})], "one commit in flight at a time"
+    consumer._on_commit(None, [TopicPartition(TOPIC, 0, 3)])  # the broker answers
+    consumer._handle_batch([record(7)])  # 4 processed since the last commit went out: the next one goes
+    assert client.commits[-1] == ("async", {(TOPIC, 0): 8})
+    consumer._on_commit(None, [TopicPartition(TOPIC, 0, 8)])
+    consumer._handle_batch([record(o) for o in range(8, 11)])
+    assert client.commits[-1] == ("async", {(TOPIC, 0): 11})
     assert all(kind == "async" for kind, _ in client.commits)
 
 
 def test_manual_batch_commits_synchronously_rather_than_exceed_the_bound() -> None:
-    consumer, client = make(CommitMode.MANUAL_BATCH, commit_every=10)
-    # No answer to the asynchronous commit at 5: record 11 would make 11 unacknowledged records.
-    consumer._handle_batch([record(o) for o in range(11)])
-    assert client.commits == [("async", {(TOPIC, 0): 5}), ("sync", {(TOPIC, 0): 10})]
+    consumer, client = make(CommitMode.MANUAL_BATCH, commit_every=12)
+    # No answer to the asynchronous commit at 3: record 13 would make 13 unacknowledged records.
+    consumer._handle_batch([record(o) for o in range(13)])
+    assert client.commits == [("async", {(TOPIC, 0): 3}), ("sync", {(TOPIC, 0): 12})]
+
+
+def test_manual_batch_late_answer_after_a_sync_commit_changes_nothing() -> None:
+    consumer, client = make(CommitMode.MANUAL_BATCH, commit_every=12)
+    consumer._handle_batch([record(o) for o in range(13)])  # async at 3, sync at 12, then record 12
+    consumer._on_commit(None, [TopicPartition(TOPIC, 0, 3)])  # the async commit's answer, late
+    consumer._handle_batch([record(13)])
+    assert client.commits[-1] == ("sync", {(TOPIC, 0): 12}), "2 records since the sync commit: no commit yet"
+    consumer._handle_batch([record(14)])  # 3 = commit_every / 4 since the sync commit (which settled all)
+    assert client.commits[-1] == ("async", {(TOPIC, 0): 15})
 
 
 def test_manual_batch_failed_async_commit_counts_toward_the_bound() -> None:
