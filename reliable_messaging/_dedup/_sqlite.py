@@ -107,7 +107,10 @@ _MARK_DONE_BATCH = f"""
 INSERT INTO {_TABLE} (key, owner, expires) SELECT value, NULL, ?2 FROM json_each(?1) WHERE true
 ON CONFLICT (key) DO UPDATE SET owner = NULL, expires = excluded.expires
 """
-_LOOKUP_BATCH = f"SELECT key, owner, expires FROM {_TABLE} WHERE key IN (SELECT value FROM json_each(?1))"
+# A primary-key probe per id, driven by the JSON list (CROSS JOIN: SQLite keeps that order). The form
+# "key IN (SELECT value FROM json_each(?1))" first builds a temporary index of the ids: 2.4x as slow for
+# absent ids (0.16 vs 0.07 us each, measured on 200,000 rows), and the Kafka consumer waits for it.
+_LOOKUP_BATCH = f"SELECT t.key, t.owner, t.expires FROM json_each(?1) AS j CROSS JOIN {_TABLE} AS t ON t.key = j.value"
 
 # Cleanup: find the key LIMIT keys after the cursor, then delete the expired rows in that key range
 # (one range scan; a "key IN (subquery)" form costs 2.5 times as much). No row comes to Python.
