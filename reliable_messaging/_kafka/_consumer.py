@@ -93,15 +93,6 @@ _REPUBLISH_BACKOFF = 1.0
 """Seconds a partition stays paused after its record could not be republished (retry/DLT publish failed),
 or its done record could not be stored."""
 
-_COMMITS_IN_FLIGHT = 1
-"""MANUAL_BATCH: asynchronous commits awaiting their answer at once; a new one goes out once
-``commit_every / 4`` records are processed and fewer than this many are in flight. With a commit
-going out every ``commit_every / 2`` records instead, a commit round trip (~6 ms against Kafka 4,
-whose group coordinator lingers up to 5 ms before writing) had to fit in half the bound: at ~300 000
-records/s it did not, and every 5 000 records ended in a synchronous commit (a third of the time).
-More than one in flight measured slower: the coordinator answers a group's commits one after another,
-so they queue, and the synchronous commit at the bound waits behind them."""
-
 _DURABLE_WAIT = 10.0
 """Seconds revoke and stop wait for pending done records (a dedup store's group commits) before committing:
 above the SQLite store's busy timeout, so a slow write is waited for and a stuck one is not."""
@@ -236,6 +227,12 @@ class KafkaConsumer:
             raise ConfigurationError(f"librdkafka refused the consumer configuration: {exc}") from exc
         self._fetch = config.fetch_batch
         self._commit_every = config.commit_every
+        # MANUAL_BATCH: the next asynchronous commit goes out once the previous one was answered and this
+        # many records were processed since. It used to be every commit_every / 2: then a commit round
+        # trip (~6 ms against Kafka 4, whose group coordinator lingers up to 5 ms before writing) had to
+        # fit in half the bound, and at ~300 000 records/s it did not: every 5 000 records ended in a
+        # synchronous commit, a third of the consumer's time. Several commits in flight measured slower:
+        # the coordinator answers a group's commits one after another, so the sync commit waited behind them.
         self._step = max(1, config.commit_every // 4)
         self._bounded = self._mode is CommitMode.MANUAL_BATCH
         if self._mode is CommitMode.MANUAL_BATCH:
@@ -253,8 +250,7 @@ class KafkaConsumer:
         self._assigned_lock = threading.Lock()
         # MANUAL_BATCH bookkeeping (see _before_record/_after_record).
         self._since_commit = 0
-        # Asynchronous commits not answered yet, oldest first: (positions, records they acknowledge).
-        self._in_flight: deque[tuple[dict[TopicPartitionKey, int], int]] = deque()
+        self._in_flight: dict[TopicPartitionKey, int] | None = None
         self._in_flight_count = 0
         self._last_commit = time.monotonic()
         # Records handled whose done record is not durable yet (pipelined dedup store): per group
@@ -495,7 +491,7 @@ class KafkaConsumer:
         self._processed(tp, offset)
         if self._bounded:  # MANUAL_BATCH, inlined: the common case
             self._since_commit += 1
-            if self._since_commit >= self._step and len(self._in_flight) < _COMMITS_IN_FLIGHT:
+            if self._in_flight is None and self._since_commit >= self._step:
                 self._commit_async()
         else:
             self._after_record(tp)
@@ -653,7 +649,7 @@ class KafkaConsumer:
             for tp, offset in records:
                 processed(tp, offset)
             self._since_commit += len(records)
-            if self._since_commit >= self._step and len(self._in_flight) < _COMMITS_IN_FLIGHT:
+            if self._in_flight is None and self._since_commit >= self._step:
                 self._commit_async()
             return
         tps: dict[TopicPartitionKey, None] = {}
@@ -718,19 +714,19 @@ class KafkaConsumer:
     def _bound_uncommitted(self) -> None:
         """MANUAL_BATCH: never hold more than ``commit_every`` processed records without an acknowledged commit.
 
-        Commits go out asynchronously every quarter ``commit_every``, up to
-        ``_COMMITS_IN_FLIGHT`` awaiting their answers; if too few were answered
-        (or some failed) when the next record would exceed the bound, commit
-        synchronously before processing it.
+        Commits go out asynchronously, one at a time, once a quarter
+        ``commit_every`` was processed since the last; if the one in flight is
+        still unanswered (or failed) when the next record would exceed the
+        bound, commit synchronously before processing it.
         """
         if self._batching:
             self._runner.flush_done()  # the current batch's done records so far: into _durable
         if self._durable:
             self._drain_durable(_DURABLE_WAIT, settle=False)
-        self._commit_sync(None, "asynchronous commits are still unanswered")
+        self._commit_sync(None, "the asynchronous commit is still unanswered")
 
     def _commit_on_time(self) -> None:
-        if self._since_commit and not self._in_flight and \
+        if self._since_commit and self._in_flight is None and \
                 time.monotonic() - self._last_commit >= self.config.commit_interval:
             self._commit_async()
 
@@ -747,8 +743,8 @@ class KafkaConsumer:
             logger.warning("asynchronous commit refused: %s", exc)
             logger.debug("commit failure", exc_info=exc)
             return
-        self._in_flight.append((positions, self._since_commit))
-        self._in_flight_count += self._since_commit
+        self._in_flight = positions
+        self._in_flight_count = self._since_commit
         self._since_commit = 0
 
     def _commit_sync(self, tps: Iterable[TopicPartitionKey] | None, why: str) -> bool:
@@ -799,35 +795,31 @@ class KafkaConsumer:
 
     def _reset_batch_counters(self) -> None:
         self._since_commit = 0
-        self._in_flight.clear()
+        self._in_flight = None
         self._in_flight_count = 0
         self._last_commit = time.monotonic()
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """librdkafka's commit callback (served inside consume()): settles in-flight async commits.
-
-        Answers come in the order the commits went out. A failure gives the oldest commit's records
-        back to the next one (they are still unacknowledged: the bound keeps counting them); a success
-        settles every in-flight commit whose positions it covers.
-        """
+        """librdkafka's commit callback (served inside consume()): settles the in-flight async commit."""
         in_flight = self._in_flight
         if err is not None:
             if err.code() != KafkaError._NO_OFFSET:
                 self.stats.extra["commit_failures"] += 1
                 logger.warning("commit failed: %s: %s", err.name(), err.str())
-            if in_flight:
-                _, count = in_flight.popleft()
-                self._in_flight_count -= count
-                self._since_commit += count
+            if in_flight is not None:
+                # Its records are still uncommitted: count them toward the next commit.
+                self._since_commit += self._in_flight_count
+                self._in_flight = None
+                self._in_flight_count = 0
             return
-        if not in_flight:
+        if in_flight is None:
             return
         acked = {(p.topic, p.partition): p.offset for p in partitions if p.error is None}
-        while in_flight and all(acked.get(tp, -1) >= position for tp, position in in_flight[0][0].items()):
-            positions, count = in_flight.popleft()
-            self._tracker.committed(positions)
+        if all(acked.get(tp, -1) >= position for tp, position in in_flight.items()):
+            self._tracker.committed(in_flight)
             self.stats.extra["commits"] += 1
-            self._in_flight_count -= count
+            self._in_flight = None
+            self._in_flight_count = 0
 
     # -- rebalancing ----------------------------------------------------------------------------
 
@@ -869,9 +861,9 @@ class KafkaConsumer:
             self._purge_durable(dict.fromkeys(tps, -1))
         for tp in tps:
             self._paused.pop(tp, None)
-        for positions, _ in self._in_flight:
+        if self._in_flight is not None:
             for tp in tps:
-                positions.pop(tp, None)
+                self._in_flight.pop(tp, None)
         with self._assigned_lock:
             self._assigned.difference_update(tps)
         self._rebalanced = True
