@@ -270,8 +270,9 @@ class HandlerRunner(Generic[M]):
                 return DEDUPLICATED
             if claim is _IN_PROGRESS:
                 return self._bounce(message, "claimed by another consumer", None)
-            # Not decided with the batch (e.g. the same id twice in one batch): the store must see the
-            # done records collected so far before this claim.
+            # Not decided with the batch (the same id twice in one batch; no batch claimed, for a key
+            # function other than the message id): the store must see the done records collected so far
+            # before this claim.
             if self._pending_keys:
                 self.flush_done()
             return self.invoke(message)

@@ -718,7 +718,7 @@ class RabbitMQConsumer:
         records at once: the acknowledgements of what was handled wait for that commit, and the
         broker sends no more than ``prefetch`` unacknowledged messages.
         """
-        deliveries, results, runner = engine.deliveries, engine.results, self.runner
+        deliveries, runner = engine.deliveries, self.runner
         stopping = self._stopping
         most = self.config.prefetch
         while not stopping.is_set():
@@ -741,31 +741,23 @@ class RabbitMQConsumer:
                     break
                 if item[0] == engine.generation:
                     batch.append((item, *self._message(engine, item)))
-            if runner.batches:
-                self._handle_batched(engine, batch)
-            else:
-                runner.prefetch([message for _item, message, bad in batch if bad is None])
-                for item, message, outcome in batch:
-                    if stopping.is_set():
-                        return  # the rest go back to the queue when the channel closes
-                    if item[0] != engine.generation:
-                        continue  # its channel is gone; the broker redelivers it
-                    if outcome is None:
-                        outcome = runner.invoke(message)
-                    results.append((item[0], outcome, (message,), (item[2],)))
-                    engine.wake()
+            self._handle_waiting(engine, batch)
             if ended or stopping.is_set():
                 return
 
-    def _handle_batched(self, engine: _Engine, batch: list[tuple[_Delivery, RabbitMQMessage, Outcome | None]]) -> None:
-        """The waiting deliveries through the runner's batched path: their ids claimed at once, their done
-        records queued at once; each group commit's messages go to the I/O thread as one result."""
+    def _handle_waiting(self, engine: _Engine, batch: list[tuple[_Delivery, RabbitMQMessage, Outcome | None]]) -> None:
+        """The waiting deliveries through the runner's batched path: their ids claimed at once (looked up
+        at once, for a key function other than the message id), their done records queued at once; each
+        group commit's messages go to the I/O thread as one result."""
         results, runner, stopping = engine.results, self.runner, self._stopping
         durable: list[tuple[Future[None], list[Any]]] = []
         runner.durable_sink = durable.append
-        prefix = runner.key_prefix or ""
-        runner.begin_batch([prefix + message.message_id for _item, message, bad in batch
-                            if bad is None and message.message_id])
+        if runner.batches:
+            prefix = runner.key_prefix or ""
+            runner.begin_batch([prefix + message.message_id for _item, message, bad in batch
+                                if bad is None and message.message_id])
+        else:  # nothing claimed with the batch: invoke_batched claims each message on its own
+            runner.prefetch([message for _item, message, bad in batch if bad is None])
         try:
             for item, message, outcome in batch:
                 if stopping.is_set():
