@@ -22,6 +22,7 @@ Tree::
     │       ├── MessageTooLarge       larger than the broker/topic accepts
     │       └── NotEnoughReplicas     fewer in-sync replicas than min.insync.replicas (acks=all)
     ├── ConsumerCancelled             the broker cancelled the consumer (e.g. its queue was deleted)
+    ├── HandlerAborted                a handler raised SystemExit/KeyboardInterrupt/...: the consumer stopped
     └── ProcessingSignal              raised *by handlers* to choose what happens to a message
         ├── Retry                     process it again later (optional delay)
         └── Reject                    dead-letter it now, with a reason
@@ -41,6 +42,7 @@ __all__ = [
     "DeliveryError",
     "DeliveryFailed",
     "DeliveryTimeout",
+    "HandlerAborted",
     "InvalidMessage",
     "MessageTooLarge",
     "Nacked",
@@ -184,6 +186,12 @@ class NotEnoughReplicas(DeliveryFailed):
 
 class ConsumerCancelled(ReliableMessagingError):
     """The broker cancelled the consumer (RabbitMQ ``basic.cancel``), e.g. the queue was deleted."""
+
+
+class HandlerAborted(ReliableMessagingError):
+    """A handler raised a ``BaseException`` that is not an ``Exception`` (``SystemExit``,
+    ``KeyboardInterrupt``, ``GeneratorExit``): the consumer stopped without acknowledging that
+    message, which the broker delivers again. The original exception is ``__cause__``."""
 
 
 class ProcessingSignal(ReliableMessagingError):

@@ -25,7 +25,9 @@ dead letters   ``<source>.DLT``                            ``<source>.dlq``
 =============  ==========================================  ==============================================
 
 Guarantee presets set every knob at once; each stays overridable by keyword (any field of the
-broker's producer/publisher and consumer configs):
+broker's producer/publisher and consumer configs). An override that breaks the preset's promise
+(``acks=0`` under at-least-once, ``confirms=False``, auto-commit, ...) is refused unless
+``allow_weaker=True`` says it is meant; the broker's repr and a WARNING then name what no longer holds:
 
 ================  =====================================  ============================================
 preset            Kafka                                  RabbitMQ
@@ -66,18 +68,13 @@ __all__ = ["DEFAULT_DEDUP_PATH", "Broker", "Consumer", "Guarantee", "connect"]
 
 logger = logging.getLogger("reliable_messaging")
 
-PIPELINED_DEDUP_PREFETCH = 500
-"""RabbitMQ prefetch of a consumer whose dedup store is pipelined (SQLite), unless ``prefetch`` is set:
-its acks wait for the store's group commit (up to 5 ms), so the window of unacknowledged deliveries
-must cover that wait as well as the round trip. With the default 100, a consumer handling ~30,000
-messages/s stalls on the window; measured, 500 cut SQLite's throughput cost from ~27% to ~16%."""
-
 DEFAULT_DEDUP_PATH = "reliable_messaging_dedup.sqlite3"
 """The effectively-once preset's SQLite file, relative to the working directory: next to the
 consumer, so a restarted consumer finds the ids it already processed."""
 
 DEFAULT_NAME = "reliable-messaging"
-"""Default ``name``: Kafka's default consumer group and client id, RabbitMQ's connection name prefix."""
+"""Default ``name``: Kafka's client id, RabbitMQ's connection name prefix. (Never a consumer group: a
+Kafka consumer names its group, so two services cannot split each other's messages by default.)"""
 
 
 class Guarantee(str, enum.Enum):
@@ -102,7 +99,7 @@ class Consumer(Protocol):
 
     def start(self) -> Any: ...
 
-    def stop(self, timeout: float = 30.0) -> None: ...
+    def stop(self, timeout: float = 30.0) -> bool: ...
 
     def run(self) -> None: ...
 
@@ -120,9 +117,12 @@ class Broker(abc.ABC):
     scheme: str = ""
 
     def __init__(self, url: str, *, guarantee: Guarantee, retry: RetryPolicy, dedup: DedupStore | None,
-                 own_dedup: bool, name: str, settings: Mapping[str, Any]) -> None:
+                 own_dedup: bool, name: str, settings: Mapping[str, Any], allow_weaker: bool = False) -> None:
         self.url = url
         self.guarantee = guarantee
+        self.allow_weaker = allow_weaker
+        self.weakened: tuple[str, ...] = ()
+        """What the settings take away from the guarantee preset (empty: the preset holds as documented)."""
         self.retry = retry
         self.dedup = dedup
         self.name = name
@@ -161,10 +161,11 @@ class Broker(abc.ABC):
     ) -> Consumer:
         """A consumer of ``source`` running ``handler`` (sync or ``async def``); call ``start()`` or ``run()``.
 
-        ``group``: Kafka consumer group (default: the broker's ``name``); RabbitMQ shares a queue
-        among its consumers and ignores it. ``retry``/``dedup`` default to the broker's. The
-        default dedup key is ``<group or queue>/<message id>``, so two services sharing one store
-        do not suppress each other's messages.
+        ``group``: the Kafka consumer group, required there (a shared default would let two
+        services split each other's messages); RabbitMQ shares a queue among its consumers and
+        ignores it. ``retry``/``dedup`` default to the broker's. The default dedup key is
+        ``<group or queue>/<message id>``, so two services sharing one store do not suppress each
+        other's messages.
         """
         if not isinstance(source, str) or not source:
             raise ConfigurationError(f"source must be a non-empty topic/queue name, got {source!r}", field="source")
@@ -174,13 +175,13 @@ class Broker(abc.ABC):
         with self._lock:
             if self._closed:
                 raise ClosedError("the broker connection is closed")
-            consumer = self._consumer(source, handler, group=group or self.name, retry=retry or self.retry,
+            consumer = self._consumer(source, handler, group=group, retry=retry or self.retry,
                                       decoder=decoder, dedup=store, dedup_key=dedup_key, loop=loop)
             self._consumers.append(consumer)
         return consumer
 
     @abc.abstractmethod
-    def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str, retry: RetryPolicy,
+    def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str | None, retry: RetryPolicy,
                   decoder: Callable[[bytes], Any] | None, dedup: DedupStore | None,
                   dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None) -> Consumer: ...
 
@@ -223,9 +224,24 @@ class Broker(abc.ABC):
     def _describe(self) -> str:
         return ""
 
+    def _check_weakening(self, weakened: list[str]) -> None:
+        """Refuse settings that break the preset's promise, unless allow_weaker; remember and log them."""
+        if not weakened:
+            return
+        if not self.allow_weaker:
+            raise ConfigurationError(
+                f"guarantee={self.guarantee.value!r} does not hold with {'; '.join(weakened)}; pass "
+                f"allow_weaker=True if that is meant, or choose the preset that matches", field="guarantee")
+        self.weakened = tuple(weakened)
+        logger.warning("reliable_messaging: guarantee %s weakened on purpose (allow_weaker=True): %s",
+                       self.guarantee.value, "; ".join(weakened))
+
     def __repr__(self) -> str:
         dedup = type(self.dedup).__name__ if self.dedup is not None else "off"
-        return (f"<{type(self).__name__} {_redact(self.url)} guarantee={self.guarantee.value} "
+        guarantee = self.guarantee.value
+        if self.weakened:
+            guarantee += " (weakened: " + "; ".join(self.weakened) + ")"
+        return (f"<{type(self).__name__} {_redact(self.url)} guarantee={guarantee} "
                 f"{self._describe()} dedup={dedup}>")
 
 
@@ -291,6 +307,15 @@ class KafkaBroker(Broker):
                 "store can bring back a message that was skipped; use manual commits (at-least-once)",
                 field="commit_mode")
         self._consumer_mode = probe.mode
+        weakened: list[str] = []
+        if self.guarantee is not Guarantee.AT_MOST_ONCE:
+            acks = self._producer_config.acks_level
+            if acks is not Acks.ALL:
+                weakened.append(f"acks={acks.value} (a message the leader acknowledged can be lost with it)")
+            if probe.mode is CommitMode.AUTO:
+                weakened.append("commit_mode=auto (offsets can be committed before the handler ran: a crash "
+                                "loses those messages)")
+        self._check_weakening(weakened)
         self._publisher: KafkaProducer | None = None
 
     def _producer(self) -> KafkaProducer:
@@ -315,11 +340,15 @@ class KafkaBroker(Broker):
         producer = self._publisher
         return producer is None or producer.flush(timeout) == 0
 
-    def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str, retry: RetryPolicy,
+    def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str | None, retry: RetryPolicy,
                   decoder: Callable[[bytes], Any] | None, dedup: DedupStore | None,
                   dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None) -> Consumer:
         from ._kafka import KafkaConsumer, KafkaConsumerConfig
 
+        if not isinstance(group, str) or not group:
+            raise ConfigurationError(
+                f"a Kafka consumer needs group=<consumer group> (got {group!r}): consumers of one group split a "
+                "topic's messages, so each service names its own", field="group")
         config = KafkaConsumerConfig(bootstrap_servers=self.bootstrap_servers, group_id=group,
                                      **self._consumer_settings)
         key = dedup_key or MessageIdKey(f"{group}/")  # recognised by the consumer: ids prefetched per batch
@@ -376,6 +405,18 @@ class RabbitMQBroker(Broker):
                 "dedup with auto-ack: the broker forgets a message as it delivers it, so no dedup store can "
                 "help one the consumer then loses; use manual acks (at-least-once)", field="ack_mode")
         self._ack_mode = probe.ack_mode
+        weakened: list[str] = []
+        if self.guarantee is not Guarantee.AT_MOST_ONCE:
+            c = self._publisher_config
+            if not c.confirms:
+                weakened.append("confirms=False (a publish resolves before the broker took the message)")
+            if not c.mandatory:
+                weakened.append("mandatory=False (a message no queue is bound for is dropped silently)")
+            if not c.persistent:
+                weakened.append("persistent=False (a broker restart loses queued messages)")
+            if probe.ack_mode is RabbitMQAckMode.AUTO:
+                weakened.append("ack_mode=auto (a crashed consumer loses its prefetched messages)")
+        self._check_weakening(weakened)
         self._publisher: RabbitMQPublisher | None = None
         self._exchanges: set[str] = set()
 
@@ -420,14 +461,12 @@ class RabbitMQBroker(Broker):
         return RabbitMQTopology.work_queue(source, exchange_type=RabbitMQExchangeType.TOPIC, routing_key="#",
                                            type=self._queue_type, delivery_limit=self._delivery_limit)
 
-    def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str, retry: RetryPolicy,
+    def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str | None, retry: RetryPolicy,
                   decoder: Callable[[bytes], Any] | None, dedup: DedupStore | None,
                   dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None) -> Consumer:
         from ._rabbitmq import RabbitMQConsumer, RabbitMQConsumerConfig
 
         settings = {"connection_name": f"{self.name} consumer {source}", **self._consumer_settings}
-        if dedup is not None and dedup.pipelined and "prefetch" not in settings:
-            settings["prefetch"] = PIPELINED_DEDUP_PREFETCH
         config = RabbitMQConsumerConfig(url=self.url, **settings)
         key = dedup_key or MessageIdKey(f"{source}/")
         return RabbitMQConsumer(config, source, handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=key,
@@ -459,6 +498,7 @@ def connect(
     dedup: DedupStore | object | None = _PRESET,
     dedup_path: str | Path = DEFAULT_DEDUP_PATH,
     name: str = DEFAULT_NAME,
+    allow_weaker: bool = False,
     **settings: Any,
 ) -> Broker:
     """Connect to the broker at ``url`` with a delivery guarantee preset.
@@ -468,7 +508,11 @@ def connect(
     - ``retry``: the handler retry policy of consumers made by this broker.
     - ``dedup``: the dedup store; the effectively-once preset opens a :class:`SQLiteDedupStore`
       at ``dedup_path`` (closed with the broker); pass a store (e.g. Redis) to share it.
-    - ``name``: Kafka client id and default consumer group; RabbitMQ connection names.
+    - ``name``: Kafka client id; RabbitMQ connection names.
+    - ``allow_weaker``: accept settings that break the preset's promise (``acks=0`` or ``1``,
+      ``commit_mode="auto"``, ``confirms=False``, ``mandatory=False``, ``persistent=False``,
+      ``ack_mode="auto"`` under at-least-once or effectively-once); without it they raise
+      :class:`ConfigurationError`. ``broker.weakened`` and the repr say what no longer holds.
     - ``settings``: overrides, by field name, of the producer/publisher and consumer configs
       (e.g. ``acks=1``, ``commit_mode="manual"``, ``prefetch=50``; RabbitMQ also ``queue_type``,
       ``delivery_limit``). An unknown name or an incompatible combination raises
@@ -508,8 +552,10 @@ def connect(
         raise ConfigurationError("effectively-once needs a dedup store (dedup=None given); "
                                  "use guarantee='at-least-once' for no deduplication", field="dedup")
 
+    if not isinstance(allow_weaker, bool):
+        raise ConfigurationError(f"allow_weaker must be a bool, got {allow_weaker!r}", field="allow_weaker")
     common: dict[str, Any] = {"guarantee": preset, "retry": retry, "dedup": store, "own_dedup": own, "name": name,
-                              "settings": settings}
+                              "settings": settings, "allow_weaker": allow_weaker}
     try:
         broker: Broker
         if scheme == "kafka":

@@ -28,16 +28,15 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from ._dedup._base import ClaimResult, DedupStore
 from ._errors import Reject, Retry, StoreUnavailable
-from ._message import Message
+from ._message import DEFERRALS_HEADER, Message, header_count
 from ._retry import RetryPolicy
 
-__all__ = ["BATCHED", "ConsumerStats", "Disposition", "HandlerRunner", "MessageIdKey", "Outcome"]
+__all__ = ["ConsumerStats", "Disposition", "HandlerRunner", "MessageIdKey", "Outcome"]
 
 logger = logging.getLogger("reliable_messaging.consumer")
 
@@ -61,15 +60,10 @@ class Outcome:
     """The decision for one message.
 
     ``delay``: seconds before the retry. ``counts_attempt`` is False when the
-    handler did not run (the dedup store was unavailable, or another consumer
-    holds the claim), so that bounce does not use up the message's attempts.
-
-    ``durable``: with a pipelined dedup store (:attr:`DedupStore.pipelined`), the
-    future of the group commit holding this message's done record (shared by the
-    messages of one commit). The consumer acknowledges the message (RabbitMQ
-    basic.ack, Kafka offset counted as processed) only once it resolved; if it
-    failed, the done record is not stored and the message is handed back
-    (nack/requeue, or the Kafka partition rewound) instead.
+    handler did not run (the dedup store was unavailable, or a live consumer holds
+    the claim): that bounce does not use up the message's attempts, and the copy
+    carries one more ``x-rm-deferrals`` (see :data:`DEFERRALS_HEADER`), so the next
+    bounce waits longer.
     """
 
     disposition: Disposition
@@ -78,15 +72,10 @@ class Outcome:
     error: BaseException | None = None
     deduplicated: bool = False
     counts_attempt: bool = True
-    durable: Future[None] | None = None
 
 
 ACKED = Outcome(Disposition.ACK)
 DEDUPLICATED = Outcome(Disposition.ACK, deduplicated=True)
-BATCHED = Outcome(Disposition.ACK)
-"""What :meth:`HandlerRunner.invoke_batched` answers for a message processed whose done record is
-collected with its batch's: acknowledge it once the future :meth:`HandlerRunner.flush_done` hands
-to the durable sink, with the message's ``ref``, has resolved (compared by identity)."""
 
 
 @dataclass
@@ -107,6 +96,9 @@ class ConsumerStats:
     """Messages sent to the dead-letter topic/exchange."""
     deduplicated: int = 0
     """Messages acknowledged without calling the handler: already done."""
+    bounced: int = 0
+    """Messages handed back without calling the handler: a live consumer held their claim, or the
+    dedup store was unavailable (also counted in ``retried``)."""
     undecodable: int = 0
     """Messages the decoder could not decode (dead-lettered at once)."""
     extra: dict[str, int] = field(default_factory=dict)
@@ -118,6 +110,14 @@ class HandlerRunner(Generic[M]):
     Owns decoding, deduplication (claim, run, mark done / release), sync and
     ``async def`` handlers, and the retry decision. Thread-confined: one
     consumer thread calls it.
+
+    With a dedup store, a consumer that receives messages in batches (a Kafka fetch,
+    the RabbitMQ deliveries waiting) calls :meth:`claim` with the batch first (one
+    round trip to the store), then :meth:`invoke` per message, then
+    :meth:`release_unclaimed` for the messages it did not get to. A message whose
+    handler returned is recorded as done (:meth:`DedupStore.mark_done`, which
+    survives a crash of the process) before :meth:`invoke` returns, so the consumer
+    may acknowledge it at once: a crash repeats at most the message being handled.
 
     ``async def`` handlers run on ``loop`` (e.g. the service's own event loop)
     or, when none is given, on a private loop in a daemon thread; the consumer
@@ -142,25 +142,7 @@ class HandlerRunner(Generic[M]):
         self.dedup = dedup
         self.dedup_key: Callable[[M], str] = dedup_key or _message_id_key
         self.stats = ConsumerStats()
-        # A pipelined store (SQLite) is used through its non-blocking methods: see Outcome.durable.
-        self.pipelined = dedup is not None and dedup.pipelined
-        self.key_prefix: str | None = "" if dedup_key is None else (
-            dedup_key.prefix if isinstance(dedup_key, MessageIdKey) else None)
-        """The dedup key is ``key_prefix + message id`` (None: another key function)."""
-        self.batches = dedup is not None and dedup.batched and self.key_prefix is not None
-        """Whether a consumer that fetches batches should use :meth:`begin_batch` / :meth:`invoke_batched`:
-        a store with batch operations, keyed by the message id (read from raw records before the
-        messages are built)."""
-        self._unflushed = False
-        # The batched path (invoke_batched): claims taken for the current batch, and the done records
-        # of its messages processed so far, with their refs, not yet handed to the store.
-        self._claimed: dict[str, ClaimResult] = {}
-        self._pending_keys: list[str] = []
-        self._pending_refs: list[Any] = []
-        self.durable_sink: Callable[[tuple[Future[None], list[Any]]], Any] | None = None
-        """Where :meth:`flush_done` puts ``(future, refs)``: set by a consumer using invoke_batched."""
-        self._last_durable: Future[None] | None = None
-        self._last_outcome = ACKED
+        self._claimed: dict[str, ClaimResult] = {}  # claims of the current batch, not yet invoked
         self._loop = loop
         self._own_loop_thread: threading.Thread | None = None
         self._warned_no_key = False
@@ -183,10 +165,47 @@ class HandlerRunner(Generic[M]):
 
     # -- running --------------------------------------------------------------------------------
 
+    def claim(self, messages: Sequence[M]) -> None:
+        """Claim the dedup keys of messages about to be invoked, at once (:meth:`DedupStore.claim_batch`).
+
+        Claims of an earlier batch not invoked yet are released first. A store that cannot answer is
+        left for :meth:`invoke` to ask per message (which hands the message back if it still cannot).
+        """
+        if self._claimed:
+            self.release_unclaimed()
+        dedup = self.dedup
+        if dedup is None or not messages:
+            return
+        key_of = self.dedup_key
+        keys = [key for key in map(key_of, messages) if key]
+        if not keys:
+            return
+        try:
+            self._claimed = dedup.claim_batch(keys)
+        except StoreUnavailable as exc:
+            logger.debug("dedup batch claim failed: %s", exc)
+
+    def release_unclaimed(self) -> None:
+        """Release the claims :meth:`claim` took for messages that were not invoked (the batch was cut
+        short: the consumer is stopping, a partition was rewound, a channel was lost)."""
+        claimed, self._claimed = self._claimed, {}
+        keys = [key for key, result in claimed.items() if result is _ACQUIRED]
+        if keys and self.dedup is not None:
+            try:
+                self.dedup.release_many(keys)
+            except StoreUnavailable as exc:
+                logger.warning("could not release %d claims (%s); they lapse after the lease, or when this "
+                               "process ends", len(keys), exc)
+
     def invoke(self, message: M) -> Outcome:
-        """Run the handler on ``message`` (with deduplication) and decide what to do with it."""
+        """Run the handler on ``message`` (with deduplication) and decide what to do with it.
+
+        A ``BaseException`` from the handler (``SystemExit``, ``KeyboardInterrupt``) releases the
+        message's claim and propagates: the consumer stops without acknowledging the message.
+        """
         key = ""
-        if self.dedup is not None:
+        dedup = self.dedup
+        if dedup is not None:
             key = self.dedup_key(message)
             if not key:
                 if not self._warned_no_key:
@@ -194,144 +213,38 @@ class HandlerRunner(Generic[M]):
                                    message.source)
                     self._warned_no_key = True
             else:
-                try:
-                    claim = self.dedup.claim_deferred(key) if self.pipelined else self.dedup.claim(key)
-                except StoreUnavailable as exc:
-                    logger.warning("dedup store unavailable (%s): message %s handed back", exc, key)
-                    logger.debug("dedup store failure", exc_info=exc)
-                    return self._bounce(message, f"dedup store unavailable: {exc}", exc)
-                if claim is ClaimResult.DONE:
+                claim = self._claimed.pop(key, None)
+                if claim is None:
+                    try:
+                        claim = dedup.claim(key)
+                    except StoreUnavailable as exc:
+                        logger.warning("dedup store unavailable (%s): message %s handed back", exc, key)
+                        logger.debug("dedup store failure", exc_info=exc)
+                        return self._bounce(message, f"dedup store unavailable: {exc}", exc)
+                if claim is _DONE:
                     self.stats.deduplicated += 1
                     return DEDUPLICATED
-                if claim is ClaimResult.IN_PROGRESS:
+                if claim is _IN_PROGRESS:
                     return self._bounce(message, "claimed by another consumer", None)
         try:
             self._call(message)
         except Exception as exc:  # noqa: BLE001 - every handler failure is an outcome, decided below
-            if key and self.dedup is not None:
+            if key:
                 self._release(key)
             return self._failed(message, exc)
-        if key and self.dedup is not None:
-            if self.pipelined:
-                return self._mark_done_deferred(key)
+        except BaseException:
+            if key:
+                self._release(key)
+            raise
+        if key:
             try:
-                self.dedup.mark_done(key)
+                dedup.mark_done(key)  # type: ignore[union-attr]
             except StoreUnavailable as exc:
                 # The work is done; acknowledging is right. Only a later duplicate may run again.
                 logger.warning("could not record message %s as done (%s); a duplicate would be reprocessed",
                                key, exc)
         self.stats.processed += 1
         return ACKED
-
-    def _mark_done_deferred(self, key: str) -> Outcome:
-        """Queue the done record; the ACK outcome carries its future (the consumer waits for it)."""
-        assert self.dedup is not None
-        try:
-            durable = self.dedup.mark_done_deferred(key)
-        except StoreUnavailable as exc:
-            logger.warning("could not record message %s as done (%s); a duplicate would be reprocessed", key, exc)
-            self.stats.processed += 1
-            return ACKED
-        self.stats.processed += 1
-        self._unflushed = True
-        if durable is self._last_durable:  # the same group commit as the previous message: one Outcome
-            return self._last_outcome
-        outcome = Outcome(Disposition.ACK, durable=durable)
-        self._last_durable, self._last_outcome = durable, outcome
-        return outcome
-
-    # -- the batched path (a store with batch operations, keyed by message id; see ``batches``) -----
-
-    def begin_batch(self, keys: Sequence[str]) -> None:
-        """Claim a fetched batch's dedup keys at once (:meth:`DedupStore.claim_batch`).
-
-        Then :meth:`invoke_batched` each of its messages, and :meth:`end_batch` after the last (or
-        when the batch is cut short): this costs the consumer thread a fraction of what a claim and
-        a done record per message through :meth:`invoke` do.
-        """
-        if self._claimed:
-            self._release_unused()
-        if self.batches and self.dedup is not None and keys:
-            try:
-                self._claimed = self.dedup.claim_batch(keys)
-            except StoreUnavailable as exc:  # each message then claims on its own, and reports it
-                logger.debug("dedup batch claim failed: %s", exc)
-
-    def invoke_batched(self, message: M, ref: Any) -> Outcome:
-        """:meth:`invoke` for a message of the current batch; :data:`BATCHED` means processed, its
-        done record pending with the batch's: ``ref`` comes back with their future (see
-        :meth:`flush_done`)."""
-        message_id = message.message_id
-        key = self.key_prefix + message_id if message_id and self.key_prefix is not None else ""
-        claim = self._claimed.pop(key, None)
-        if claim is not _ACQUIRED:
-            if claim is _DONE:
-                self.stats.deduplicated += 1
-                return DEDUPLICATED
-            if claim is _IN_PROGRESS:
-                return self._bounce(message, "claimed by another consumer", None)
-            # Not decided with the batch (the same id twice in one batch; no batch claimed, for a key
-            # function other than the message id): the store must see the done records collected so far
-            # before this claim.
-            if self._pending_keys:
-                self.flush_done()
-            return self.invoke(message)
-        try:
-            self._call(message)
-        except Exception as exc:  # noqa: BLE001 - every handler failure is an outcome, decided below
-            self._release(key)
-            return self._failed(message, exc)
-        self._pending_keys.append(key)
-        self._pending_refs.append(ref)
-        self.stats.processed += 1
-        return BATCHED
-
-    def flush_done(self) -> None:
-        """Hand the done records :meth:`invoke_batched` collected to the store, and ``(future, refs)``
-        to :attr:`durable_sink`. A consumer calls it before it waits for durability."""
-        keys = self._pending_keys
-        if not keys or self.dedup is None:
-            return
-        refs = self._pending_refs
-        self._pending_keys, self._pending_refs = [], []
-        try:
-            future = self.dedup.mark_done_batch(keys)
-        except StoreUnavailable as exc:
-            # The work is done; acknowledging is right. Only a later duplicate may run again.
-            logger.warning("could not record %d messages as done (%s); a duplicate would be reprocessed",
-                           len(keys), exc)
-            future = Future()
-            future.set_result(None)
-        self._unflushed = True
-        assert self.durable_sink is not None, "invoke_batched needs a durable_sink"
-        self.durable_sink((future, refs))
-
-    def end_batch(self) -> None:
-        """The batch is over (or cut short): flush its done records, release the claims of messages
-        not processed (the partition was rewound, the consumer is stopping)."""
-        self.flush_done()
-        if self._claimed:
-            self._release_unused()
-
-    def _release_unused(self) -> None:
-        claimed, self._claimed = self._claimed, {}
-        for key, claim in claimed.items():
-            if claim is _ACQUIRED:
-                self._release(key)
-
-    def prefetch(self, messages: Sequence[M]) -> None:
-        """A pipelined store looks up the dedup keys of messages about to be invoked in one round trip
-        (for a key function other than :class:`MessageIdKey`, where the batched path does not apply)."""
-        if self.pipelined and messages and self.dedup is not None:
-            self.dedup.prefetch([self.dedup_key(m) for m in messages])
-
-    def flush(self) -> None:
-        """The consumer is idle (nothing fetched): ask a pipelined store to commit what is queued now."""
-        if self._pending_keys:
-            self.flush_done()
-        if self._unflushed and self.dedup is not None:
-            self._unflushed = False
-            self.dedup.flush()
 
     def _call(self, message: M) -> None:
         result = self.handler(message)
@@ -349,10 +262,15 @@ class HandlerRunner(Generic[M]):
             logger.warning("could not release claim on %s (%s); it expires after the lease", key, exc)
 
     def _bounce(self, message: M, reason: str, error: BaseException | None) -> Outcome:
+        """Hand the message back without running it: each deferral waits longer (the retry policy's
+        backoff by the number of deferrals so far), so a message held by a slow live consumer is
+        copied a handful of times over its lease, not hundreds."""
         self.stats.retried += 1
+        self.stats.bounced += 1
+        deferrals = header_count(message.headers.get(DEFERRALS_HEADER))
         return Outcome(
             Disposition.RETRY,
-            delay=self.retry.delay_for(1),
+            delay=self.retry.delay_for(deferrals + 1),
             reason=reason,
             error=error,
             counts_attempt=False,
@@ -410,8 +328,8 @@ class HandlerRunner(Generic[M]):
 class MessageIdKey:
     """A dedup key function: ``prefix`` + the message id ("" for a message without one: no dedup).
 
-    The runner recognises it, so a consumer can compute the keys of a fetched batch from its raw
-    records and claim them at once (:meth:`HandlerRunner.begin_batch`) before building the messages.
+    The facade's default: ``<group or queue>/<message id>``, so two services sharing one store do
+    not suppress each other's messages.
     """
 
     __slots__ = ("prefix",)

@@ -21,6 +21,7 @@ from ._errors import InvalidMessage
 
 __all__ = [
     "ATTEMPT_HEADER",
+    "DEFERRALS_HEADER",
     "MESSAGE_ID_HEADER",
     "Delivery",
     "DeliveryFuture",
@@ -42,6 +43,11 @@ ATTEMPT_HEADER = "x-rm-attempt"
 
 It is 1-based: the first delivery is attempt 1 and carries no header.
 """
+
+DEFERRALS_HEADER = "x-rm-deferrals"
+"""How many times the message was handed back without running its handler (a live consumer held its
+claim, or the dedup store was unavailable): each time it waits longer (the retry policy's backoff),
+and it does not use up an attempt."""
 
 HeaderValue: TypeAlias = "str | bytes | int | float | bool | list[Any] | dict[str, Any] | None"
 """A header value as the broker delivers it: Kafka headers are bytes; AMQP tables also carry numbers,
@@ -75,6 +81,18 @@ class _MessageIds:
 
 new_message_id = _MessageIds()
 """A fresh message id (32 hex characters); ``itertools.count`` makes it thread-safe under the GIL."""
+
+
+def header_count(value: object) -> int:
+    """A counting header's value (``x-rm-deferrals``...) as an int >= 0: 0 when absent or malformed."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        return 0
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return 0
 
 
 def coerce_body(body: object) -> bytes:

@@ -268,31 +268,14 @@ def test_claim_batch_claims_new_keys_and_leaves_known_ones_to_claim() -> None:
     assert in_thread(lambda: store.claim("new-1")) is ClaimResult.IN_PROGRESS, "the batch's claims are real claims"
 
 
-def test_mark_done_batch_records_every_key_and_resolves_at_once() -> None:
-    store = MemoryDedupStore()
-    keys = [f"m-{i}" for i in range(10)]
-    store.claim_batch(keys)
-    future = store.mark_done_batch(keys)
-    assert future.done() and future.result() is None
-    assert all(in_thread(lambda key=key: store.claim(key)) is ClaimResult.DONE for key in keys)  # type: ignore[misc]
-
-
 def test_claim_batch_leaves_everything_to_claim_when_the_batch_could_overfill_the_store() -> None:
     store = MemoryDedupStore(max_entries=5)
     assert store.claim_batch([f"m-{i}" for i in range(6)]) == {}
     assert len(store) == 0
 
 
-def test_batch_operations_refuse_bad_keys_like_the_one_by_one_ones() -> None:
+def test_claim_batch_leaves_a_batch_with_a_bad_key_to_claim() -> None:
     store = MemoryDedupStore()
     assert store.claim_batch(["ok", ""]) == {}, "left to claim(), which refuses the bad key"
     with pytest.raises(ValueError):
-        store.mark_done_batch(["ok", ""])
-
-
-def test_a_full_store_of_live_claims_refuses_a_batch_of_done_records() -> None:
-    store = MemoryDedupStore(max_entries=3)
-    for key in ("a", "b", "c"):
-        assert in_thread(lambda key=key: store.claim(key)) is ClaimResult.ACQUIRED  # type: ignore[misc]
-    with pytest.raises(StoreUnavailable):
-        store.mark_done_batch(["d"])
+        store.claim("")

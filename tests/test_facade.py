@@ -8,7 +8,6 @@ import pytest
 
 import reliable_messaging as rm
 from reliable_messaging import ConfigurationError, Guarantee, MemoryDedupStore, SQLiteDedupStore, connect
-from reliable_messaging._facade import PIPELINED_DEDUP_PREFETCH
 
 KAFKA = "kafka://127.0.0.1:1,127.0.0.1:2"  # nothing listens there: connect() must not connect
 AMQP = "amqp://user:secret@127.0.0.1:1/%2F"
@@ -63,14 +62,59 @@ def test_a_given_store_is_used_and_not_closed() -> None:
 
 
 def test_knobs_stay_overridable() -> None:
-    with connect(KAFKA, acks=1, commit_mode="manual", linger=0.0) as broker:
-        assert "acks=1 idempotence=off commit=manual" in repr(broker)
-    with connect(AMQP, persistent=False, prefetch=7, queue_type="quorum") as broker:
-        assert "persistent=off" in repr(broker)
+    with connect(KAFKA, commit_mode="manual", linger=0.0) as broker:
+        assert "acks=all idempotence=on commit=manual" in repr(broker)
+        assert broker.weakened == ()
+    with connect(AMQP, prefetch=7, queue_type="quorum") as broker:
+        assert "persistent=on" in repr(broker)
+
+
+@pytest.mark.parametrize(("url", "guarantee", "kwargs", "named"), [
+    (KAFKA, "at-least-once", {"acks": 1, "enable_idempotence": False}, ["acks=1"]),
+    (KAFKA, "effectively-once", {"acks": 0, "enable_idempotence": False}, ["acks=0"]),
+    (KAFKA, "at-least-once", {"commit_mode": "auto"}, ["commit_mode=auto"]),
+    (AMQP, "effectively-once", {"confirms": False, "mandatory": False}, ["confirms=False", "mandatory=False"]),
+    (AMQP, "at-least-once", {"persistent": False}, ["persistent=False"]),
+    (AMQP, "at-least-once", {"mandatory": False}, ["mandatory=False"]),
+])
+def test_an_override_that_breaks_the_guarantee_is_refused_unless_allowed(
+        tmp_path: Path, url: str, guarantee: str, kwargs: dict[str, object], named: list[str]) -> None:
+    extra: dict[str, object] = {"dedup": MemoryDedupStore()} if guarantee == "effectively-once" else {}
+    with pytest.raises(ConfigurationError) as info:
+        connect(url, guarantee=guarantee, **extra, **kwargs)  # type: ignore[arg-type]
+    assert info.value.field == "guarantee"
+    for name in named:
+        assert name in str(info.value)
+    assert "allow_weaker=True" in str(info.value)
+    with connect(url, guarantee=guarantee, allow_weaker=True, **extra, **kwargs) as broker:  # type: ignore[arg-type]
+        assert len(broker.weakened) == len(named)
+        text = repr(broker)
+        assert f"guarantee={guarantee} (weakened: " in text
+        for name in named:
+            assert name in text
+
+
+def test_an_at_most_once_preset_is_not_weakened_by_its_own_knobs() -> None:
+    with connect(KAFKA, guarantee="at-most-once") as broker:
+        assert broker.weakened == ()
+    with connect(AMQP, guarantee="at-most-once") as broker:
+        assert broker.weakened == ()
+
+
+def test_a_kafka_consumer_must_name_its_group() -> None:
+    """No shared default group: two services using it would split each other's messages."""
+    with connect(KAFKA) as broker:
+        with pytest.raises(ConfigurationError) as info:
+            broker.consumer("orders", lambda m: None)
+        assert info.value.field == "group"
+        assert broker.consumer("orders", lambda m: None, group="billing").config.group_id == "billing"
+    with connect(AMQP) as broker:  # a RabbitMQ queue is shared by its consumers: no group needed
+        broker.consumer("orders", lambda m: None)
 
 
 @pytest.mark.parametrize(("url", "kwargs", "field"), [
-    (KAFKA, {"acks": 1, "enable_idempotence": True}, None),  # idempotence needs acks=all
+    (KAFKA, {"acks": 1, "enable_idempotence": True, "allow_weaker": True}, None),  # idempotence needs acks=all
+    (KAFKA, {"allow_weaker": "yes"}, "allow_weaker"),
     (KAFKA, {"guarantee": "at-most-once", "dedup": MemoryDedupStore()}, "commit_mode"),
     (AMQP, {"guarantee": "at-most-once", "dedup": MemoryDedupStore()}, "ack_mode"),
     (AMQP, {"guarantee": "at-most-once", "mandatory": True}, "mandatory"),
@@ -114,13 +158,3 @@ def test_dead_letter_sources() -> None:
     with connect(KAFKA) as kafka, connect(AMQP) as rabbit:
         assert kafka.dead_letter_source("orders") == "orders.DLT"
         assert rabbit.dead_letter_source("orders") == "orders.dlq"
-
-
-def test_a_pipelined_dedup_store_widens_the_rabbitmq_prefetch_unless_it_is_set(tmp_path: Path) -> None:
-    """Acks wait for the SQLite group commit, so the window of unacknowledged deliveries must cover it."""
-    with connect(AMQP, guarantee="effectively-once", dedup_path=tmp_path / "a.sqlite3") as broker:
-        assert broker.consumer("orders", lambda m: None).config.prefetch == PIPELINED_DEDUP_PREFETCH == 500
-    with connect(AMQP, guarantee="effectively-once", dedup_path=tmp_path / "b.sqlite3", prefetch=50) as broker:
-        assert broker.consumer("orders", lambda m: None).config.prefetch == 50
-    with connect(AMQP, guarantee="effectively-once", dedup=MemoryDedupStore()) as broker:
-        assert broker.consumer("orders", lambda m: None).config.prefetch == 100

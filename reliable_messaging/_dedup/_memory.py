@@ -14,9 +14,8 @@ import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from typing import TypeAlias, cast
 
 from .._errors import ClosedError, ConfigurationError, InvalidMessage, StoreUnavailable
@@ -206,8 +205,6 @@ class MemoryDedupStore(DedupStore):
         # An expired entry, or this thread's own claim: replacing it needs the lock.
         return self._claim_locked(key, owner)
 
-    batched = True
-
     def claim_batch(self, keys: Iterable[str]) -> dict[str, ClaimResult]:
         """Claim a fetched batch's new keys at once: a lock-free ``setdefault`` each, run by ``map``.
 
@@ -231,30 +228,6 @@ class MemoryDedupStore(DedupStore):
         # Each setdefault adds the key only if absent, atomically (see the class docstring).
         held = map(entries.setdefault, wanted, itertools.repeat(mine))
         return {key: _ACQUIRED for key, value in zip(wanted, held, strict=True) if value is mine}
-
-    def mark_done_batch(self, keys: Iterable[str]) -> Future[None]:
-        """:meth:`mark_done` for several keys under one lock; the future is already resolved."""
-        wanted = list(keys)
-        if not _exact_keys(wanted):
-            return super().mark_done_batch(wanted)  # one by one: refuses a bad key as mark_done does
-        now = self._clock()
-        lock = self._lock
-        lock.acquire()
-        try:
-            if self._closed:
-                raise ClosedError("the dedup store is closed")
-            entries = self._entries
-            entries.update(dict.fromkeys(wanted, now + self.ttl))
-            deque(map(entries.move_to_end, wanted), maxlen=0)  # most recently used, without a Python loop
-            if len(entries) > self.max_entries:
-                self._evict(entries, now, self.max_entries)
-                if not all(map(entries.__contains__, wanted)):
-                    raise self._full()
-        finally:
-            lock.release()
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
 
     def _claim_locked(self, key: str, owner: object) -> ClaimResult:
         """:meth:`claim` under the lock: look again, then add, take over or answer."""

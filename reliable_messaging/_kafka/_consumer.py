@@ -20,11 +20,16 @@ What the broker does, and what this consumer does about it:
   attempts are used up (or the handler raised Reject, or the record could not
   be decoded) it goes to ``<topic>.DLT`` with headers naming its origin and the
   error (see :mod:`._message`).
-- With a pipelined dedup store (SQLite), a handled record's done record is
-  written by the store's group commit after the handler returned: the record
-  counts as processed (so a commit can cover it) only once that commit is
-  durable. A failed write rewinds the partition to the record, as a failed
-  republish does; revoke and stop wait (bounded) for pending writes first.
+- With a dedup store, the message ids of a fetched batch are claimed at once
+  before its records are handled; a record's done record is stored (safe from a
+  crash of this process) before the record counts as processed, so a crash
+  repeats at most the record being handled. Claims of records not reached (the
+  consumer stopped, a partition was rewound or revoked) are released.
+- A handler that raises a ``BaseException`` (``SystemExit``, ``KeyboardInterrupt``
+  from a library it calls) stops the consumer: the record is not committed,
+  ``error`` says why (:class:`~reliable_messaging.HandlerAborted`), and ``run()``
+  re-raises the original exception. ``run()`` treats ``KeyboardInterrupt`` as
+  Ctrl-C: it stops gracefully and returns.
 
 Threading: one thread (``start()``'s, or ``run()``'s caller) owns the
 librdkafka consumer and runs the handler, so records of a partition are handled
@@ -34,16 +39,12 @@ in order. ``stop()`` may be called from any thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import threading
 import time
 import types
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -55,11 +56,12 @@ from .._errors import (
     ClosedError,
     ConfigurationError,
     DeliveryError,
+    HandlerAborted,
     InvalidMessage,
     ReliableMessagingError,
 )
-from .._handling import BATCHED, ConsumerStats, Disposition, HandlerRunner, Outcome
-from .._message import ATTEMPT_HEADER, MESSAGE_ID_HEADER
+from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
+from .._message import ATTEMPT_HEADER, DEFERRALS_HEADER, MESSAGE_ID_HEADER
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._config import CommitMode, KafkaConsumerConfig, KafkaProducerConfig
 from ._errors import kafka_error_of, operation_error
@@ -90,21 +92,14 @@ _DUE_TOLERANCE_MS = 5
 """A retry record due within this many milliseconds is processed now rather than paused for."""
 
 _REPUBLISH_BACKOFF = 1.0
-"""Seconds a partition stays paused after its record could not be republished (retry/DLT publish failed),
-or its done record could not be stored."""
-
-_DURABLE_WAIT = 10.0
-"""Seconds revoke and stop wait for pending done records (a dedup store's group commits) before committing:
-above the SQLite store's busy timeout, so a slow write is waited for and a stuck one is not."""
-
-_DURABLE_POLL = 0.005
-"""Seconds consume() blocks at most while done records are pending, so their offsets are committed promptly."""
+"""Seconds a partition stays paused after its record could not be republished (retry/DLT publish failed)."""
 
 _MAX_ERROR_TEXT = 4096
 """Characters of an error message kept in the dead-letter headers."""
 
 _OWN_HEADERS = frozenset({
     MESSAGE_ID_HEADER, ATTEMPT_HEADER, DUE_HEADER, ERROR_TYPE_HEADER, ERROR_MESSAGE_HEADER, REASON_HEADER,
+    DEFERRALS_HEADER,
 })
 """Headers rewritten on every republish (the origin and first-failure headers are kept once set)."""
 
@@ -204,10 +199,8 @@ class KafkaConsumer:
             handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=dedup_key, loop=loop,
         )
         self._decoding = decoder is not None
-        self._runner.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0,
-                                         "durable_failures": 0})
-        # A dedup store with batch operations, keyed by message id: claims and done records go per fetched batch.
-        self._batching = self._runner.batches
+        self._runner.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0})
+        self._dedup = dedup is not None
         self._levels = max(1, retry.max_attempts - 1)
         self._topics = names
         self._origin: dict[str, str] = {t: t for t in names}
@@ -253,12 +246,6 @@ class KafkaConsumer:
         self._in_flight: dict[TopicPartitionKey, int] | None = None
         self._in_flight_count = 0
         self._last_commit = time.monotonic()
-        # Records handled whose done record is not durable yet (pipelined dedup store): per group
-        # commit future, in the order the store resolves them; see _drain_durable.
-        self._durable: deque[tuple[Future[None], list[tuple[TopicPartitionKey, int]]]] = deque()
-        self._durable_count = 0
-        self._runner.durable_sink = self._durable.append
-        self._revoking: set[TopicPartitionKey] = set()
         self._skip: set[TopicPartitionKey] = set()  # partitions rewound during the current batch
 
         self._stop = threading.Event()
@@ -269,6 +256,7 @@ class KafkaConsumer:
         self._closed = False
         self.error: Exception | None = None
         """Why the consumer stopped on its own, if it did (also logged; ``run()`` raises it)."""
+        self._aborted: BaseException | None = None  # a handler's BaseException, re-raised by run()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -284,7 +272,9 @@ class KafkaConsumer:
         """Run the consumer on the calling thread until :meth:`stop` or KeyboardInterrupt.
 
         Either way it finishes the current record, commits and leaves the group
-        before returning. Re-raises the error that ended the loop, if any.
+        before returning (a KeyboardInterrupt raised inside the handler leaves that
+        record uncommitted: it is read again). Re-raises the error that ended the
+        loop, if any, and a handler's other ``BaseException`` (``SystemExit``) as is.
         """
         self._claim_run()
         try:
@@ -292,28 +282,35 @@ class KafkaConsumer:
         except KeyboardInterrupt:
             logger.info("consumer %s interrupted: committing and leaving the group", self.config.group_id)
             self._stop.set()
+            self.error = self._aborted = None
         finally:
             self._shutdown()
+        if self._aborted is not None:
+            raise self._aborted
         if self.error is not None:
             raise self.error
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the current record, commit, leave the group; wait at most ``timeout`` seconds.
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop fetching, let the record in progress finish, commit, leave the group; True once closed.
 
-        A handler still running after ``timeout`` is not interrupted: the
-        consumer closes (and commits) when it returns; a WARNING says so.
-        Records fetched but not started are not committed: the partition's next
-        owner reads them. Idempotent; callable from any thread, including the handler.
+        Waits at most ``timeout`` seconds. A handler still running then is not interrupted and its
+        record is not given away: the consumer stays in the group, and commits and closes by
+        itself when the handler returns; ``stop()`` returns False (a WARNING says so) and
+        :attr:`running` stays True until then. Records fetched but not started are not committed:
+        the partition's next owner reads them. Idempotent; callable from any thread, including
+        the handler (then it returns False: the loop stops after this record).
         """
         self._stop.set()
         if not self._running and not self._closed:  # never started: just release the client
             self._shutdown()
-            return
+            return True
         if self._loop_thread is threading.current_thread():
-            return  # called from the handler: the loop stops after this record
+            return False  # called from the handler: the loop stops after this record
         if not self._finished.wait(max(0.0, timeout)):
-            logger.warning("consumer %s still busy %.1fs after stop(): it closes when its handler returns",
-                           self.config.group_id, timeout)
+            logger.warning("consumer %s still busy %.1fs after stop(): its handler is still running; it commits "
+                           "and closes when the handler returns", self.config.group_id, timeout)
+            return False
+        return True
 
     def __enter__(self) -> KafkaConsumer:
         return self.start()
@@ -346,6 +343,8 @@ class KafkaConsumer:
     def _run_safely(self) -> None:
         try:
             self._loop()
+        except BaseException as exc:  # noqa: BLE001 - a handler's SystemExit/KeyboardInterrupt: in self.error, logged
+            logger.debug("consumer %s thread ended by %s", self.config.group_id, type(exc).__name__)
         finally:
             self._shutdown()
 
@@ -361,17 +360,12 @@ class KafkaConsumer:
             stop = self._stop
             while not stop.is_set():
                 timeout = self._resume_due()
-                if self._durable:
-                    self._drain_durable()
-                    if self._durable:
-                        timeout = min(timeout, _DURABLE_POLL)
                 if self._mode is CommitMode.MANUAL_BATCH:
                     self._commit_on_time()
                 # consume(n, timeout) waits until it has n records or the timeout passed: take what
                 # is there, and block only for the first record of an idle stream.
                 records = consume(self._fetch, 0)
                 if not records:
-                    self._runner.flush()  # idle: a pipelined dedup store commits what is queued now
                     records = consume(1, timeout)
                 if self._rebalanced:
                     # A rebalance was served inside this consume(): drop records of partitions this
@@ -384,6 +378,13 @@ class KafkaConsumer:
             self.error = exc
             logger.error("consumer %s stopped by %s: %s", self.config.group_id, type(exc).__name__, exc)
             logger.debug("consumer failure", exc_info=exc)
+        except BaseException as exc:  # the handler raised SystemExit, KeyboardInterrupt, ...
+            self._aborted = exc
+            self.error = HandlerAborted(f"the handler raised {type(exc).__name__}({exc}): the consumer stopped; "
+                                        "the record is not committed and will be read again")
+            self.error.__cause__ = exc
+            logger.error("consumer %s stopped: %s", self.config.group_id, self.error)
+            raise
 
     def _prepare_topics(self) -> None:
         if not self._create_topics:
@@ -409,31 +410,42 @@ class KafkaConsumer:
     def _handle_batch(self, records: list[RawMessage]) -> None:
         deferred = self._skip
         deferred.clear()
+        batch: list[tuple[TopicPartitionKey, int, KafkaMessage, Outcome | None]] = []
+        for raw in records:
+            err = raw.error()
+            if err is not None:
+                self._on_fetch_error(err)
+                continue
+            tp = (raw.topic() or "", raw.partition() or 0)
+            if deferred and tp in deferred:
+                continue  # its partition was rewound: these records come again
+            item = self._message(raw, tp)
+            if item is None:
+                deferred.add(tp)
+            else:
+                batch.append(item)
+        if not batch:
+            return
+        runner = self._runner
+        if self._dedup:  # claim the batch's message ids at once
+            runner.claim([message for _tp, _offset, message, bad in batch if bad is None])
         stop = self._stop
-        if self._batching:  # claim the batch's message ids at once
-            prefix = self._runner.key_prefix or ""
-            self._runner.begin_batch([prefix + _record_id(raw) for raw in records if raw.error() is None])
         try:
-            for raw in records:
+            for tp, offset, message, outcome in batch:
                 if stop.is_set():
                     return  # the rest is neither processed nor committed: the next owner reads it again
-                err = raw.error()
-                if err is not None:
-                    self._on_fetch_error(err)
-                    continue
-                tp = (raw.topic() or "", raw.partition() or 0)
                 if deferred and tp in deferred:
-                    continue  # its partition was rewound: these records come again
-                if not self._handle(raw, tp):
+                    continue
+                if not self._handle(tp, offset, message, outcome):
                     deferred.add(tp)
         finally:
-            if self._batching:  # done records to the store; claims of records not processed released
-                self._runner.end_batch()
-        if self._durable:
-            self._drain_durable()
+            if self._dedup:
+                runner.release_unclaimed()  # claims of records not reached
 
-    def _handle(self, raw: RawMessage, tp: TopicPartitionKey) -> bool:
-        """Process one record; False if its partition was rewound to it (it will be read again)."""
+    def _message(self, raw: RawMessage, tp: TopicPartitionKey
+                 ) -> tuple[TopicPartitionKey, int, KafkaMessage, Outcome | None] | None:
+        """The record as a message (with its decoding outcome if it could not be decoded); None if its
+        partition was rewound to it (a retry record not due yet)."""
         topic, partition = tp
         offset = raw.offset() or 0
         self._received(tp, offset)
@@ -446,7 +458,7 @@ class KafkaConsumer:
             due = _int_header(headers, DUE_HEADER, 0)
             if due - time.time() * 1000 > _DUE_TOLERANCE_MS:
                 self._defer(tp, offset, due / 1000 - time.time(), "not due yet")
-                return False
+                return None
         mid = headers.get(MESSAGE_ID_HEADER)
         if mid is None:
             message_id = f"{topic}/{partition}/{offset}"
@@ -460,16 +472,14 @@ class KafkaConsumer:
         ts_type, ts = raw.timestamp()
         message = new_kafka_message(body, value, message_id, raw.key(), headers, attempt, origin, topic, partition,
                                     offset, ts / 1000.0 if ts_type else None)
-        if self._bounded and self._in_flight_count + self._since_commit + self._durable_count >= self._commit_every:
+        return tp, offset, message, outcome
+
+    def _handle(self, tp: TopicPartitionKey, offset: int, message: KafkaMessage, outcome: Outcome | None) -> bool:
+        """Process one record; False if its partition was rewound to it (it will be read again)."""
+        if self._bounded and self._in_flight_count + self._since_commit >= self._commit_every:
             self._bound_uncommitted()
         if outcome is None:
-            if self._batching:
-                outcome = self._runner.invoke_batched(message, (tp, offset))
-                if outcome is BATCHED:  # processed; durable with its batch's done records (_durable)
-                    self._durable_count += 1
-                    return True
-            else:
-                outcome = self._runner.invoke(message)
+            outcome = self._runner.invoke(message)
             if outcome.disposition is Disposition.RETRY and not self._retry_topics:
                 outcome, message = self._retry_in_place(message, outcome)
                 if outcome is None:
@@ -479,15 +489,6 @@ class KafkaConsumer:
             self.stats.extra["republish_failures"] += 1
             self._defer(tp, offset, _REPUBLISH_BACKOFF, "its retry/dead-letter publish failed")
             return False
-        durable = outcome.durable
-        if durable is not None:  # processed once the dedup store's group commit holding it is durable
-            pending = self._durable
-            if pending and pending[-1][0] is durable:
-                pending[-1][1].append((tp, offset))
-            else:
-                pending.append((durable, [(tp, offset)]))
-            self._durable_count += 1
-            return True
         self._processed(tp, offset)
         if self._bounded:  # MANUAL_BATCH, inlined: the common case
             self._since_commit += 1
@@ -533,6 +534,8 @@ class KafkaConsumer:
             out[ERROR_MESSAGE_HEADER] = str(outcome.error)[:_MAX_ERROR_TEXT]
         if outcome.disposition is Disposition.RETRY:
             attempt = message.attempt + 1 if outcome.counts_attempt else message.attempt
+            if not outcome.counts_attempt:  # handed back unrun: the next hand-back waits longer
+                out[DEFERRALS_HEADER] = str(_int_header(message.headers, DEFERRALS_HEADER, 0) + 1)
             level = min(max(attempt - 1, 1), self._levels)
             topic = self._names.retry(message.source, level)
             out[ATTEMPT_HEADER] = str(attempt)
@@ -607,93 +610,6 @@ class KafkaConsumer:
             return _POLL_TIMEOUT
         return max(0.0, min(_POLL_TIMEOUT, min(self._paused.values()) - now))
 
-    # -- done records of a pipelined dedup store ------------------------------------------------
-
-    def _drain_durable(self, wait: float = 0.0, *, settle: bool = True) -> None:
-        """Count as processed the records whose done records became durable, oldest first.
-
-        Waits up to ``wait`` seconds for pending ones (revoke, stop, the commit bound). A failed
-        write rewinds the record's partition to it (see :meth:`_durable_failed`). ``settle``: also
-        commit/store per mode (False when the caller commits everything next).
-        """
-        pending = self._durable
-        deadline = time.monotonic() + wait if wait > 0 else 0.0
-        while pending:
-            future, records = pending[0]
-            if not future.done():
-                remaining = deadline - time.monotonic() if deadline else 0.0
-                if remaining <= 0:
-                    if wait > 0:
-                        logger.warning("consumer %s: %d done records still not durable after %.1fs: their "
-                                       "offsets are not committed", self.config.group_id, self._durable_count, wait)
-                    return
-                self._runner.flush()
-                with contextlib.suppress(FutureTimeout):
-                    future.exception(remaining)
-                continue
-            pending.popleft()
-            self._durable_count -= len(records)
-            error = future.exception()
-            if error is not None:
-                self._durable_failed(records, error)
-            elif settle:
-                self._durable_done(records)
-            else:
-                processed = self._processed
-                for tp, offset in records:
-                    processed(tp, offset)
-
-    def _durable_done(self, records: list[tuple[TopicPartitionKey, int]]) -> None:
-        processed = self._processed
-        if self._bounded:
-            for tp, offset in records:
-                processed(tp, offset)
-            self._since_commit += len(records)
-            if self._in_flight is None and self._since_commit >= self._step:
-                self._commit_async()
-            return
-        tps: dict[TopicPartitionKey, None] = {}
-        for tp, offset in records:
-            processed(tp, offset)
-            tps[tp] = None
-        for tp in tps:  # MANUAL: one commit per partition and group commit, not per record
-            self._after_record(tp)
-
-    def _durable_failed(self, records: list[tuple[TopicPartitionKey, int]], error: BaseException) -> None:
-        """The records' done records were not stored: they are not processed. Rewind each partition to
-        its first such record (later records of it are read again too), as for a failed republish."""
-        self.stats.extra["durable_failures"] += len(records)
-        cut: dict[TopicPartitionKey, int] = {}
-        for tp, offset in records:
-            if tp not in cut or offset < cut[tp]:
-                cut[tp] = offset
-        self._purge_durable(cut)
-        logger.warning("consumer %s: %d done records could not be stored (%s); %s will be read again",
-                       self.config.group_id, len(records), error,
-                       ", ".join(f"{t}[{p}]@{o}" for (t, p), o in cut.items()))
-        if self._closed:
-            return  # stopping: not processed, so not committed; the next owner reads them
-        for tp, offset in cut.items():
-            if tp in self._revoking or tp not in self._assigned:
-                self._tracker.rewind(tp, offset)
-                continue  # going away: its next owner reads from the committed offset
-            self._defer(tp, offset, _REPUBLISH_BACKOFF, "its done record could not be stored")
-            self._skip.add(tp)
-
-    def _purge_durable(self, cut: Mapping[TopicPartitionKey, int]) -> None:
-        """Forget pending records at or after ``cut[tp]``: they will be read (and handled) again, and a late
-        completion must not mark the new reading of the same offset processed."""
-        kept: deque[tuple[Future[None], list[tuple[TopicPartitionKey, int]]]] = deque()
-        count = 0
-        for future, records in self._durable:
-            left = [(tp, o) for tp, o in records if tp not in cut or o < cut[tp]]
-            if left:
-                kept.append((future, left))
-                count += len(left)
-        self._durable.clear()  # in place: _drain_durable may be iterating over it
-        self._durable.extend(kept)
-        self._durable_count = count
-
     # -- commits --------------------------------------------------------------------------------
 
     def _after_record(self, tp: TopicPartitionKey) -> None:
@@ -719,10 +635,6 @@ class KafkaConsumer:
         still unanswered (or failed) when the next record would exceed the
         bound, commit synchronously before processing it.
         """
-        if self._batching:
-            self._runner.flush_done()  # the current batch's done records so far: into _durable
-        if self._durable:
-            self._drain_durable(_DURABLE_WAIT, settle=False)
         self._commit_sync(None, "the asynchronous commit is still unanswered")
 
     def _commit_on_time(self) -> None:
@@ -826,8 +738,6 @@ class KafkaConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         self._tracker.forget(tps)
-        if self._durable:
-            self._purge_durable(dict.fromkeys(tps, -1))
         for tp in tps:
             self._paused.pop(tp, None)
         with self._assigned_lock:
@@ -838,12 +748,6 @@ class KafkaConsumer:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions are taken away: commit what was processed before the new owner starts reading."""
         tps = [(p.topic, p.partition) for p in partitions]
-        if self._durable:  # their offsets may be committed once their done records are durable
-            self._revoking = set(tps)
-            try:
-                self._drain_durable(_DURABLE_WAIT, settle=False)
-            finally:
-                self._revoking = set()
         self._commit_sync(None, "partitions revoked")
         self._drop(tps)
         logger.info("consumer %s revoked %s", self.config.group_id, _describe(tps))
@@ -857,8 +761,6 @@ class KafkaConsumer:
 
     def _drop(self, tps: list[TopicPartitionKey]) -> None:
         self._tracker.forget(tps)
-        if self._durable:
-            self._purge_durable(dict.fromkeys(tps, -1))
         for tp in tps:
             self._paused.pop(tp, None)
         if self._in_flight is not None:
@@ -888,8 +790,6 @@ class KafkaConsumer:
         self._closed = True
         try:
             if self._running:
-                if self._durable:
-                    self._drain_durable(_DURABLE_WAIT, settle=False)
                 self._commit_sync(None, "closing")
             self._consumer.close()  # leaves the group; librdkafka runs on_revoke (nothing left to commit)
         except KafkaException as exc:
@@ -910,19 +810,6 @@ class KafkaConsumer:
 
 def _offsets(positions: Mapping[TopicPartitionKey, int]) -> list[TopicPartition]:
     return [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
-
-
-def _record_id(raw: RawMessage) -> str:
-    """The dedup key the handler runner will use for ``raw`` by default (see _handle): its message id."""
-    headers: Any = raw.headers()
-    mid: Any = None
-    if headers:
-        for name, value in headers:
-            if name == MESSAGE_ID_HEADER:
-                mid = value  # the last one wins, as in dict(headers)
-    if mid is None:
-        return f"{raw.topic()}/{raw.partition()}/{raw.offset()}"
-    return mid.decode("utf-8", "replace") if isinstance(mid, bytes) else str(mid)
 
 
 def _int_header(headers: Mapping[str, Any], name: str, default: int) -> int:

@@ -35,13 +35,20 @@ What the broker does, and what the consumer does about it:
   (its delivery tag belonged to the closed channel) and gets the message again with
   ``redelivered=True``. Handlers that may run longer than ``consumer_timeout`` need a larger
   setting on the broker.
-- **Dedup done records.** With a pipelined dedup store (SQLite) the done record of a handled
-  message is written by the store's group commit after the handler returned, and the
-  ``basic.ack`` goes out only once that commit is durable (the worker posts the result at once;
-  the I/O thread holds its ack until the commit's future resolves, then acks the ready prefix
-  with one ``multiple=True`` as usual). A failed write sends ``basic.nack(requeue=True)``: the
-  redelivery finds the key in the store's memory, which writes the record again before
-  answering "done". stop() waits (within ``CLOSE_GRACE``) for pending writes before closing.
+- **Dedup.** With a dedup store, the worker takes every delivery already waiting (up to
+  ``prefetch``), claims their message ids at once, then handles them in order; a handled
+  message's done record is stored (safe from a crash of this process) before its ack is
+  posted, so a crash repeats at most the message being handled. Claims of deliveries not
+  reached (stopping, a lost channel) are released.
+- **Stopping.** :meth:`RabbitMQConsumer.stop` cancels the consumer first (``basic.cancel``: no
+  new deliveries), lets the handler in progress finish, acknowledges what finished, and only
+  then closes the channel, whose unstarted deliveries go back to the queue. A handler still
+  running at the timeout keeps the channel open (its message is not redelivered elsewhere
+  while it runs); the consumer acks and closes when it returns.
+- **A handler's BaseException** (``SystemExit``, ``KeyboardInterrupt`` from a library it calls)
+  stops the consumer: its message is not acknowledged (the channel closes and the broker
+  delivers it again), ``error`` is a :class:`~reliable_messaging.HandlerAborted` and ``run()``
+  re-raises the original exception.
 - **Cancellation.** When the queue is deleted the broker sends ``basic.cancel``; the consumer
   stops and :meth:`RabbitMQConsumer.run` raises :class:`~reliable_messaging.ConsumerCancelled`.
 
@@ -58,7 +65,6 @@ import queue as queue_module
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,9 +74,9 @@ import pika.frame
 import pika.spec
 
 from .._dedup._base import DedupStore
-from .._errors import ClosedError, ConfigurationError, ConsumerCancelled, ReliableMessagingError
-from .._handling import BATCHED, ConsumerStats, Disposition, HandlerRunner, Outcome
-from .._message import ATTEMPT_HEADER, Message
+from .._errors import ClosedError, ConfigurationError, ConsumerCancelled, HandlerAborted, ReliableMessagingError
+from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
+from .._message import ATTEMPT_HEADER, DEFERRALS_HEADER, Message, header_count
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._config import RabbitMQAckMode, RabbitMQConsumerConfig, RabbitMQRetryMode, connection_parameters
 from ._connection import IOThread
@@ -123,12 +129,11 @@ class _Engine(IOThread):
         self.max_retry_tier = max(1, owner.retry.max_attempts - 1)
         self.stats: dict[str, int] = owner.runner.stats.extra
         for key in ("acks", "multiple_acks", "rejects", "requeues", "retry_copies", "retry_copy_failures",
-                    "stale_results", "channel_failures", "connections", "durable_failures"):
+                    "stale_results", "channel_failures", "connections"):
             self.stats.setdefault(key, 0)
         # shared with the worker
         self.deliveries: queue_module.SimpleQueue[_Delivery | None] = queue_module.SimpleQueue()
         self.results: collections.deque[_Result] = collections.deque()
-        self.durable_done: collections.deque[Future[None]] = collections.deque()  # from the store's writer
         self.generation = 0
         # I/O thread only
         self._channel: pika.channel.Channel | None = None
@@ -143,7 +148,6 @@ class _Engine(IOThread):
         self._retry_returned: set[int] = set()
         self._retry_tag = 0
         self._delayed_nacks: dict[int, tuple[int, object]] = {}
-        self._awaiting: dict[Future[None], list[int]] = {}  # group commit -> delivery tags acked once it is durable
         self._close_deadline: float | None = None
 
     # -- setup ------------------------------------------------------------------------------------------
@@ -158,7 +162,6 @@ class _Engine(IOThread):
         self._delivered.clear()
         self._settled.clear()
         self._ack_ready.clear()
-        self._awaiting.clear()
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
         self._declare(channel, self.topology.steps(), 0)
@@ -246,7 +249,6 @@ class _Engine(IOThread):
         self._delivered.clear()
         self._settled.clear()
         self._ack_ready.clear()
-        self._awaiting.clear()
         # Results of this channel's deliveries can no longer be acknowledged: the broker redelivers them.
         self.generation += 1
 
@@ -270,17 +272,8 @@ class _Engine(IOThread):
                 continue
             disposition = outcome.disposition
             if disposition is Disposition.ACK:
-                durable = outcome.durable
-                if durable is None:
-                    for message in messages:
-                        self._ack_ready.add(message.delivery_tag)
-                else:  # acked once the dedup store's group commit holding its done record is durable
-                    waiting = self._awaiting.get(durable)
-                    if waiting is None:
-                        self._awaiting[durable] = [m.delivery_tag for m in messages]
-                        durable.add_done_callback(self._on_durable)  # at once, here, if already resolved
-                    else:
-                        waiting.extend(m.delivery_tag for m in messages)
+                for message in messages:
+                    self._ack_ready.add(message.delivery_tag)
             elif disposition is Disposition.DEAD_LETTER:
                 for message in messages:
                     channel.basic_reject(message.delivery_tag, requeue=False)
@@ -292,30 +285,7 @@ class _Engine(IOThread):
             else:
                 for message in messages:
                     self._requeue_later(message.delivery_tag, outcome.delay, gen)
-        done = self.durable_done
-        while done:
-            future = done.popleft()
-            tags = self._awaiting.pop(future, None)
-            if tags is None:
-                continue  # its channel is gone: the broker redelivers those messages
-            error = future.exception()
-            if error is None:
-                self._ack_ready.update(tags)
-            else:
-                stats["durable_failures"] += len(tags)
-                logger.warning("could not store the done records of %d messages (%s): requeueing them", len(tags),
-                               error)
-                for tag in tags:
-                    self._nack_requeue(generation, tag)
         self._flush_acks()
-
-    def _on_durable(self, future: Future[None]) -> None:
-        """A group commit of the dedup store resolved (called on the store's writer thread, or this one)."""
-        self.durable_done.append(future)
-        try:
-            self.wake()
-        except Exception as exc:  # noqa: BLE001 - the I/O loop is gone: nothing left to acknowledge on
-            logger.debug("durable completion after the I/O loop closed: %s", exc)
 
     def _flush_acks(self) -> None:
         """Acknowledge what is ready: the settled-or-ready prefix of deliveries with one multiple=True ack."""
@@ -379,6 +349,9 @@ class _Engine(IOThread):
         tier = min(max(1, message.attempt), self.max_retry_tier)
         headers = {k: v for k, v in message.headers.items() if k not in BROKER_HEADERS}
         headers[ATTEMPT_HEADER] = attempt
+        headers.pop(DEFERRALS_HEADER, None)
+        if not outcome.counts_attempt:  # handed back unrun: the next hand-back waits longer
+            headers[DEFERRALS_HEADER] = header_count(message.headers.get(DEFERRALS_HEADER)) + 1
         if outcome.reason:
             headers[ERROR_HEADER] = outcome.reason[:500]
         props = _copy_properties(original, headers, outcome.delay)
@@ -444,21 +417,18 @@ class _Engine(IOThread):
         for tag, (gen, handle) in list(self._delayed_nacks.items()):
             self.remove_timeout(handle)
             self._nack_requeue(gen, tag)
-        if (self._retry_inflight or self._awaiting) and self._close_deadline is None:
+        if self._retry_inflight and self._close_deadline is None:
             self._close_deadline = time.monotonic() + CLOSE_GRACE
-            return  # on_tick closes once copies are confirmed, done records durable, or the grace period is over
+            return  # on_tick closes once copies are confirmed, or the grace period is over
         super().begin_close()
 
     def on_tick(self) -> None:
-        if self._close_deadline is not None and ((not self._retry_inflight and not self._awaiting)
+        if self._close_deadline is not None and (not self._retry_inflight
                                                  or time.monotonic() >= self._close_deadline):
             self._close_deadline = None
             if self._retry_inflight:
                 logger.warning("closing with %d unconfirmed retry copies; their originals will be redelivered",
                                len(self._retry_inflight))
-            if self._awaiting:
-                logger.warning("closing with %d messages whose done records are not durable yet; they will be "
-                               "redelivered", sum(len(tags) for tags in self._awaiting.values()))
             self.on_wake()
             super().begin_close()
 
@@ -550,9 +520,13 @@ class RabbitMQConsumer:
         self._stopping = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._closed = False
         self._warned_uncountable = False
         self.error: ReliableMessagingError | None = None
-        """Why the consumer stopped on its own (ConsumerCancelled, BrokerUnavailable, TopologyMismatch...)."""
+        """Why the consumer stopped on its own (ConsumerCancelled, BrokerUnavailable, TopologyMismatch,
+        HandlerAborted...)."""
+        self._aborted: BaseException | None = None  # a handler's BaseException, re-raised by run()
 
     @property
     def stats(self) -> ConsumerStats:
@@ -592,15 +566,21 @@ class RabbitMQConsumer:
             raise
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the message in progress, acknowledge it, and close. Idempotent.
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop consuming, let the handler in progress finish, acknowledge, close; True once closed.
 
-        Messages prefetched but not started go back to the queue when the channel closes (on
-        a quorum queue that return counts toward ``x-delivery-count``).
+        ``basic.cancel`` goes out first, so no new delivery starts; the message in progress is
+        acknowledged (or retried) when its handler returns, then the channel closes and the
+        deliveries prefetched but not started go back to the queue (on a quorum queue that return
+        counts toward ``x-delivery-count``). Waits at most ``timeout`` seconds: a handler still
+        running then keeps the channel open, so its message is not redelivered elsewhere while it
+        runs; stop() returns False (a WARNING says so), :attr:`running` stays True, and the
+        consumer acknowledges and closes when the handler returns. Idempotent; callable from the
+        handler (it returns False: the consumer closes after that handler).
         """
         engine = self._engine
         if engine is None:
-            return
+            return True
         deadline = time.monotonic() + timeout
         if not self._stopping.is_set():
             self._stopping.set()
@@ -608,24 +588,38 @@ class RabbitMQConsumer:
                 engine.call_soon(engine.cancel_consumer)
         engine.deliveries.put(None)
         worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
+        if worker is not None:
+            if worker is threading.current_thread():
+                return False
             worker.join(max(0.0, deadline - time.monotonic()))
             if worker.is_alive():
-                logger.warning("the handler of queue %r did not finish within %.1fs; closing anyway", self.queue,
-                               timeout)
-            else:
-                self.runner.flush()  # done records still queued in a pipelined store: write them now
-        if engine.alive:
-            engine.request_close()
-        engine.join(max(1.0, deadline - time.monotonic()) + CLOSE_GRACE)  # also releases the I/O loop
-        self.runner.close()
-        self._done.set()
+                logger.warning("the handler of queue %r is still running %.1fs after stop(): the channel stays open "
+                               "until it returns, then its message is acknowledged and the consumer closes",
+                               self.queue, timeout)
+                return False
+        self._close(max(1.0, deadline - time.monotonic()))
+        return True
+
+    def _close(self, wait: float) -> None:
+        """Settle what finished, close the channel and connection; once (the worker or stop(), whichever first)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            engine = self._engine
+            if engine is not None:
+                if engine.alive:
+                    engine.request_close()
+                engine.join(wait + CLOSE_GRACE)  # also releases the I/O loop
+            self.runner.close()
+            self._closed = True
+            self._done.set()
 
     def run(self) -> None:
         """Start (if needed) and block until :meth:`stop` or Ctrl-C (then stops gracefully).
 
         Raises the reason if the consumer stopped on its own: ConsumerCancelled when the queue
-        was deleted, BrokerUnavailable when reconnecting gave up, TopologyMismatch, ...
+        was deleted, BrokerUnavailable when reconnecting gave up, TopologyMismatch, ...; a
+        handler's ``BaseException`` (``SystemExit``...) is re-raised as it was.
         """
         if self._engine is None:
             self.start()
@@ -638,6 +632,8 @@ class RabbitMQConsumer:
             return
         if self.error is not None:
             self.stop()
+            if self._aborted is not None:
+                raise self._aborted
             raise self.error
 
     def __enter__(self) -> RabbitMQConsumer:
@@ -669,17 +665,23 @@ class RabbitMQConsumer:
         try:
             if self._batch:
                 self._work_batches(engine)
-            elif self.runner.pipelined:
-                self._work_pipelined(engine)
             else:
                 self._work_single(engine)
         except Exception as exc:  # a bug here must stop the consumer visibly, not hang it
-            logger.warning("the consumer's worker failed: %s: %s", type(exc).__name__, exc)
+            logger.error("the consumer's worker failed: %s: %s", type(exc).__name__, exc)
             logger.debug("worker failure", exc_info=exc)
             self.error = ClosedError(f"the consumer's worker failed: {type(exc).__name__}: {exc}")
             self._stopping.set()
-            engine.request_close()
-            self._done.set()
+        except BaseException as exc:  # noqa: BLE001 - the handler raised SystemExit, KeyboardInterrupt...
+            self._aborted = exc
+            self.error = HandlerAborted(f"the handler raised {type(exc).__name__}({exc}): the consumer of "
+                                        f"{self.queue!r} stopped; the message is not acknowledged and comes again")
+            self.error.__cause__ = exc
+            logger.error("%s", self.error)
+            self._stopping.set()
+        finally:
+            if self._stopping.is_set():
+                self._close(CLOSE_GRACE)  # stop() may have returned already, its handler still running
 
     def _message(self, engine: _Engine, item: _Delivery) -> tuple[RabbitMQMessage, Outcome | None]:
         _gen, method, properties, body = item
@@ -693,42 +695,16 @@ class RabbitMQConsumer:
         return message, bad
 
     def _work_single(self, engine: _Engine) -> None:
+        """Run the handler on each delivery, in order. With a dedup store, every delivery already waiting
+        (up to ``prefetch``) is taken at once and their ids claimed with one call to the store."""
         deliveries, results, runner = engine.deliveries, engine.results, self.runner
         auto_ack = engine.auto_ack
         stopping = self._stopping
+        dedup = runner.dedup is not None
+        most = max(1, self.config.prefetch)
         while not stopping.is_set():
-            item = deliveries.get()
-            if item is None or stopping.is_set():
-                return
-            if item[0] != engine.generation:
-                continue  # its channel is gone; the broker redelivers it
-            message, outcome = self._message(engine, item)
-            if outcome is None:
-                outcome = runner.invoke(message)
-            if auto_ack:
-                continue
-            results.append((item[0], outcome, (message,), (item[2],)))
-            engine.wake()
-
-    def _work_pipelined(self, engine: _Engine) -> None:
-        """``_work_single`` for a pipelined dedup store (manual acks, one message at a time).
-
-        Takes every delivery already waiting, looks their ids up in the store at once, then handles
-        them in order. When none is waiting it tells the store, which commits its queued done
-        records at once: the acknowledgements of what was handled wait for that commit, and the
-        broker sends no more than ``prefetch`` unacknowledged messages.
-        """
-        deliveries, runner = engine.deliveries, self.runner
-        stopping = self._stopping
-        most = self.config.prefetch
-        while not stopping.is_set():
-            try:
-                first = deliveries.get_nowait()
-            except queue_module.Empty:
-                runner.flush()
-                first = deliveries.get()
-            items = [first]
-            while len(items) < most:
+            items = [deliveries.get()]
+            while dedup and len(items) < most:
                 try:
                     items.append(deliveries.get_nowait())
                 except queue_module.Empty:
@@ -739,46 +715,27 @@ class RabbitMQConsumer:
                 if item is None:
                     ended = True
                     break
-                if item[0] == engine.generation:
+                if item[0] == engine.generation:  # else its channel is gone; the broker redelivers it
                     batch.append((item, *self._message(engine, item)))
-            self._handle_waiting(engine, batch)
-            if ended or stopping.is_set():
+            if dedup and batch:
+                runner.claim([message for _item, message, bad in batch if bad is None])
+            try:
+                for item, message, outcome in batch:
+                    if stopping.is_set():
+                        return  # the rest go back to the queue when the channel closes
+                    if item[0] != engine.generation:
+                        continue
+                    if outcome is None:
+                        outcome = runner.invoke(message)
+                    if auto_ack:
+                        continue
+                    results.append((item[0], outcome, (message,), (item[2],)))
+                    engine.wake()
+            finally:
+                if dedup:
+                    runner.release_unclaimed()
+            if ended:
                 return
-
-    def _handle_waiting(self, engine: _Engine, batch: list[tuple[_Delivery, RabbitMQMessage, Outcome | None]]) -> None:
-        """The waiting deliveries through the runner's batched path: their ids claimed at once (looked up
-        at once, for a key function other than the message id), their done records queued at once; each
-        group commit's messages go to the I/O thread as one result."""
-        results, runner, stopping = engine.results, self.runner, self._stopping
-        durable: list[tuple[Future[None], list[Any]]] = []
-        runner.durable_sink = durable.append
-        if runner.batches:
-            prefix = runner.key_prefix or ""
-            runner.begin_batch([prefix + message.message_id for _item, message, bad in batch
-                                if bad is None and message.message_id])
-        else:  # nothing claimed with the batch: invoke_batched claims each message on its own
-            runner.prefetch([message for _item, message, bad in batch if bad is None])
-        try:
-            for item, message, outcome in batch:
-                if stopping.is_set():
-                    return  # the rest go back to the queue when the channel closes
-                if item[0] != engine.generation:
-                    continue  # its channel is gone; the broker redelivers it
-                if outcome is None:
-                    outcome = runner.invoke_batched(message, (item[0], message, item[2]))
-                    if outcome is BATCHED:
-                        continue  # acked once its batch's done records are durable (below)
-                results.append((item[0], outcome, (message,), (item[2],)))
-                engine.wake()
-        finally:
-            runner.end_batch()  # hands the done records over (into ``durable``), releases unused claims
-            for future, refs in durable:
-                ack = Outcome(Disposition.ACK, durable=future)
-                for gen in dict.fromkeys(ref[0] for ref in refs):  # one generation, unless a reconnect came between
-                    mine = [ref for ref in refs if ref[0] == gen]
-                    results.append((gen, ack, tuple(ref[1] for ref in mine), tuple(ref[2] for ref in mine)))
-            if durable:
-                engine.wake()
 
     def _work_batches(self, engine: _Engine) -> None:
         deliveries, results, runner = engine.deliveries, engine.results, self.runner
