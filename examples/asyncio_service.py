@@ -2,7 +2,7 @@
 
 - ``await broker.publish(...)``: the publish future is awaitable; awaiting it suspends this
   coroutine, not the event loop, until the broker acknowledged the message.
-- ``broker.consumer(source, handler, loop=asyncio.get_running_loop())`` with an ``async def``
+- ``broker.consumer(source, handler, group=..., loop=asyncio.get_running_loop())`` with an ``async def``
   handler: each message's coroutine runs on the service's own loop, next to the rest of the service
   (its HTTP sessions, database pools). The consumer thread waits for it before taking the next
   message, so order is kept and the ack/commit follows the handler.
@@ -63,7 +63,7 @@ async def service(url: str, name: str, *, serve: bool, timeout: float) -> bool:
                 stop.set()
 
     async with connect(url, name=name) as broker:
-        consumer = broker.consumer(name, handle, loop=loop)
+        consumer = broker.consumer(name, handle, group=name, loop=loop)
         await asyncio.to_thread(consumer.start)  # RabbitMQ connects and declares its queue here: off the loop
         deliveries = await asyncio.gather(*(broker.publish(name, f"event {n}") for n in range(EVENTS)))
         print(f"published {len(deliveries)} events, each acknowledged by the broker")

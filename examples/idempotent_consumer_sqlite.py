@@ -53,7 +53,7 @@ def run_consumer(url: str, name: str, dedup_path: Path, copies: int, timeout: fl
     """Start a consumer, publish ``copies`` copies of payment-42, wait until each is settled, stop."""
     with connect(url, guarantee="effectively-once", dedup_path=dedup_path, name=name) as broker:
         print(broker)  # the preset and every knob it set
-        consumer = broker.consumer(name, charge)
+        consumer = broker.consumer(name, charge, group=name)
         consumer.start()  # RabbitMQ: declares the queue (bound to the exchange `name`) before we publish
         for _ in range(copies):
             broker.publish(name, "10.00 EUR to ACME", message_id="payment-42").result(timeout=30)

@@ -37,7 +37,7 @@ from ._errors import (
 )
 from ._facade import DEFAULT_DEDUP_PATH, Broker, Consumer, Guarantee, connect
 from ._handling import ConsumerStats, Disposition, Outcome
-from ._message import Delivery, DeliveryFuture, Message
+from ._message import DEFERRALS_HEADER, Delivery, DeliveryFuture, Message
 from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 
 __version__ = "0.1.0"
@@ -98,6 +98,7 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "DEFAULT_DEDUP_PATH",
     "DEFAULT_RETRY_POLICY",
+    "DEFERRALS_HEADER",
     "TRANSIENT_ERRORS",
     "Acks",
     "Broker",

@@ -64,7 +64,7 @@ def run_broker(label: str, url: str, messages: int, check: Check) -> None:
 
     with connect(url, retry=RETRY, name=name) as broker:
         print(f"  {broker!r}", flush=True)
-        consumer = broker.consumer(name, handler)
+        consumer = broker.consumer(name, handler, group=name)
         consumer.start()
         began = time.monotonic()
         futures = [broker.publish(name, f"message {i}", key=f"k{i % 8}") for i in range(messages)]
@@ -89,7 +89,7 @@ def run_broker(label: str, url: str, messages: int, check: Check) -> None:
         seen: list[str] = []
         with connect(url, guarantee="effectively-once", dedup_path=Path(tmp) / "dedup.sqlite3",
                      name=f"{name}-once") as broker:
-            consumer = broker.consumer(f"{name}-once", lambda m: seen.append(m.message_id))
+            consumer = broker.consumer(f"{name}-once", lambda m: seen.append(m.message_id), group=name)
             consumer.start()
             for _ in range(2):  # a producer resending after a lost ack
                 broker.publish(f"{name}-once", b"charge 10 EUR", message_id="payment-42").result(timeout=30)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from reliable_messaging import (
+    BrokerUnavailable,
     ClosedError,
     CommitMode,
     ConfigurationError,
@@ -28,6 +29,7 @@ from reliable_messaging import (
     MessageTooLarge,
     RetryPolicy,
 )
+from reliable_messaging._log import RepeatFilter
 
 NOWHERE = "127.0.0.1:1"
 
@@ -206,3 +208,68 @@ def test_handler_must_be_callable() -> None:
     with pytest.raises(ConfigurationError, match="handler must be callable") as info:
         KafkaConsumer(consumer_config(), "t", "not a function")  # type: ignore[arg-type]
     assert info.value.field == "handler"
+
+
+# -- a broker that was never reached ----------------------------------------------------------------
+
+
+def test_a_broker_never_reached_fails_publishes_fast_with_broker_unavailable(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Not after delivery_timeout (two minutes) with "may or may not have been stored": nothing was sent."""
+    logging.getLogger("reliable_messaging.kafka").setLevel(logging.NOTSET)
+    caplog.set_level(logging.INFO, logger="reliable_messaging")
+    producer = KafkaProducer(KafkaProducerConfig(bootstrap_servers=NOWHERE, connect_timeout=2.0))
+    began = time.monotonic()
+    first = producer.publish("t", b"x")
+    with pytest.raises(BrokerUnavailable, match=r"no Kafka broker of 127\.0\.0\.1:1 answered within 2s.*not sent"):
+        first.result(timeout=15)
+    assert 1.5 < time.monotonic() - began < 5
+    later = producer.publish("t", b"y")
+    assert isinstance(later.exception(timeout=0), BrokerUnavailable), "fails at once while no broker answers"
+    time.sleep(3)  # librdkafka goes on trying to connect in the background, and on reporting it
+    began = time.monotonic()
+    producer.close(timeout=30)
+    assert time.monotonic() - began < 3, "close does not wait for a broker that never answered"
+    kafka_lines = [r for r in caplog.records if r.name.startswith("reliable_messaging.kafka")]
+    assert 1 <= len(kafka_lines) <= 10, [r.getMessage() for r in kafka_lines]
+
+
+def test_the_connect_timeout_is_ten_seconds_and_must_be_positive() -> None:
+    assert KafkaProducerConfig(bootstrap_servers=NOWHERE).connect_timeout == 10.0
+    with pytest.raises(ConfigurationError) as info:
+        KafkaProducerConfig(bootstrap_servers=NOWHERE, connect_timeout=0)
+    assert info.value.field == "connect_timeout"
+
+
+def test_repeated_log_lines_are_let_through_once_per_interval() -> None:
+    log = logging.getLogger("reliable_messaging.test.repeats")
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    log.addHandler(handler)
+    limiter = RepeatFilter(interval=0.3)
+    log.addFilter(limiter)
+    try:
+        for attempt in range(50):
+            log.warning("connect to %s failed after %dms", "127.0.0.1:1", attempt)
+        log.warning("something else")
+        log.info("info lines are never dropped")
+        log.info("info lines are never dropped")
+        time.sleep(0.35)
+        log.warning("connect to %s failed after %dms", "127.0.0.1:1", 99)
+    finally:
+        log.removeFilter(limiter)
+        log.removeHandler(handler)
+    assert seen == [
+        "connect to 127.0.0.1:1 failed after 0ms",
+        "something else",
+        "info lines are never dropped",
+        "info lines are never dropped",
+        "connect to 127.0.0.1:1 failed after 99ms (49 similar messages suppressed in the last 0.3s)",
+    ]

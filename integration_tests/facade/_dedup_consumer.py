@@ -1,14 +1,19 @@
 """A consumer process for the dedup crash tests: effectively-once over the facade, with SQLite.
 
-    python _dedup_consumer.py URL SOURCE GROUP DEDUP_PATH LOG_PATH EXPECT [--crash-after N]
+    python _dedup_consumer.py URL SOURCE GROUP DEDUP_PATH LOG_PATH EXPECT [--crash-after N] [--stall-writer]
 
 The handler appends each message id it runs for to LOG_PATH (fsync'd), so the test can count
-handler runs across processes. With ``--crash-after N`` the process SIGKILLs itself right after
-the group commit holding the N-th done record (the consumers use the store's pipelined path):
-the message is recorded as done in SQLite, but its ack/commit was never sent (it waits for that
-commit's future, which never resolves), so the broker delivers it again to the next consumer.
-Without it, the process stops once LOG_PATH holds EXPECT ids and at least one duplicate was
-recognised, and prints its stats as JSON on stdout.
+handler runs across processes.
+
+- ``--crash-after N``: the process SIGKILLs itself inside ``mark_done`` of the N-th message, right
+  after its done record was journaled and before the consumer could acknowledge it: the broker
+  delivers it again to the next consumer, which must recognise it.
+- ``--stall-writer``: the store's writer thread never writes to the database file (as if another
+  process held its lock), so done records exist only in the journal: the consumer must not wait
+  for the file to acknowledge, and a crash must not lose them.
+
+Without ``--crash-after``, the process stops once LOG_PATH holds EXPECT ids and (unless
+``--no-duplicate``) at least one duplicate was recognised, and prints its stats as JSON.
 """
 
 from __future__ import annotations
@@ -18,55 +23,31 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import Future
 from pathlib import Path
 
 from reliable_messaging import Message, RetryPolicy, SQLiteDedupStore, connect
 
 
 class CrashingStore(SQLiteDedupStore):
-    """A real SQLite store whose process dies once the N-th done record is durable: a crash injected at one point.
+    """A real SQLite store whose process dies once the N-th done record is journaled."""
 
-    The call that queues the N-th done record (``mark_done_deferred`` for RabbitMQ, one message at a
-    time; ``mark_done_batch`` for Kafka, a fetched batch's records at once) then waits for its own
-    group commit, so no later message's handler runs before the crash: the log holds the first N
-    messages, and on Kafka the rest of their batch. The writer kills the process after that commit,
-    before its future resolves, so neither the acks nor the offset commit of those messages can be sent.
-    """
-
-    def __init__(self, path: str, crash_after: int) -> None:
+    def __init__(self, path: str, crash_after: int, stall: bool) -> None:
+        self.stalled = threading.Event() if stall else None
         super().__init__(path)
         self.crash_after = crash_after
         self.done = 0
-        self.crash_key: str | None = None
 
-    def mark_done_deferred(self, key: str) -> Future[None]:
+    def mark_done(self, key: str) -> None:
+        super().mark_done(key)
         self.done += 1
         if self.done == self.crash_after:
-            self.crash_key = key
-        future = super().mark_done_deferred(key)
-        if self.done == self.crash_after:
-            self.flush()
-            future.result(timeout=30)  # never returns: the writer kills the process first
-            raise AssertionError("the process should have been killed")
-        return future
-
-    def mark_done_batch(self, keys: Iterable[str]) -> Future[None]:
-        keys = list(keys)
-        before, self.done = self.done, self.done + len(keys)
-        if not before < self.crash_after <= self.done:
-            return super().mark_done_batch(keys)
-        self.crash_key = keys[-1]
-        future = super().mark_done_batch(keys)
-        self.flush()
-        future.result(timeout=30)  # never returns: the writer kills the process first
-        raise AssertionError("the process should have been killed")
-
-    def _after_group_commit(self, keys: frozenset[str] | set[str]) -> None:
-        if self.crash_key is not None and self.crash_key in keys:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _before_group_commit(self) -> None:
+        if self.stalled is not None:
+            self.stalled.wait()  # never set: nothing reaches the file
 
 
 def main() -> int:
@@ -75,9 +56,11 @@ def main() -> int:
         parser.add_argument(name)
     parser.add_argument("expect", type=int)
     parser.add_argument("--crash-after", type=int, default=0)
+    parser.add_argument("--stall-writer", action="store_true")
+    parser.add_argument("--no-duplicate", action="store_true")
     args = parser.parse_args()
     log = Path(args.log_path)
-    store = CrashingStore(args.dedup_path, args.crash_after) if args.crash_after else SQLiteDedupStore(args.dedup_path)
+    store = CrashingStore(args.dedup_path, args.crash_after, args.stall_writer)
 
     def handler(message: Message) -> None:
         with log.open("a") as out:
@@ -85,10 +68,10 @@ def main() -> int:
             out.flush()
             os.fsync(out.fileno())
 
-    settings: dict[str, object] = {}
+    settings: dict[str, object] = {"prefetch": 1}  # RabbitMQ: the next delivery comes only after an ack
     if args.url.startswith("kafka://"):
         # Small fetches: the crash comes inside a batch of several records, with batches after it.
-        settings = {"session_timeout": 6.0, "commit_interval": 30.0, "commit_every": 1000, "fetch_batch": 3}
+        settings = {"session_timeout": 6.0, "commit_interval": 0.2, "commit_every": 1000, "fetch_batch": 3}
     broker = connect(args.url, guarantee="effectively-once", dedup=store, name=args.group,
                      retry=RetryPolicy(max_attempts=5, initial_delay=0.1, jitter=0.0), **settings)
     consumer = broker.consumer(args.source, handler, group=args.group)
@@ -97,7 +80,7 @@ def main() -> int:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         runs = log.read_text().split() if log.exists() else []
-        if len(set(runs)) >= args.expect and consumer.stats.deduplicated >= 1:
+        if len(set(runs)) >= args.expect and (args.no_duplicate or consumer.stats.deduplicated >= 1):
             break
         time.sleep(0.05)
     stats = consumer.stats

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -48,18 +50,6 @@ class Recorder:
             return [m.body for m in self.seen]
 
 
-class PausedWriterStore(rm.SQLiteDedupStore):
-    """A real SQLite store whose writer thread waits before each group commit until ``resume`` is set:
-    handled messages' done records stay pending (not durable) as long as the test wants."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.resume = threading.Event()
-
-    def _before_group_commit(self) -> None:
-        self.resume.wait(60)
-
-
 class FacadeContract:
     """Tests every broker must pass through ``reliable_messaging.connect``."""
 
@@ -92,7 +82,7 @@ class FacadeContract:
             yield broker
 
     def started(self, broker: Broker, source: str, handler: Callable[[Message], Any], **kwargs: Any) -> rm.Consumer:
-        consumer = broker.consumer(source, handler, **kwargs)
+        consumer = broker.consumer(source, handler, **{"group": source, **kwargs})
         consumer.start()
         return consumer
 
@@ -222,7 +212,7 @@ class FacadeContract:
                     done.set()
 
             async with connect(url, name=unique_name, **self.settings) as broker:
-                broker.consumer(unique_name, handler, loop=loop).start()
+                broker.consumer(unique_name, handler, group=unique_name, loop=loop).start()
                 deliveries = [await broker.publish(unique_name, f"async {i}") for i in range(3)]
                 assert [d.destination for d in deliveries] == [unique_name] * 3
                 await asyncio.wait_for(done.wait(), 60)
@@ -272,26 +262,36 @@ class FacadeContract:
     @pytest.mark.fault
     @pytest.mark.slow
     @pytest.mark.timeout(180)
+    @pytest.mark.parametrize("stall_writer", [False, True], ids=["writer-running", "file-never-written"])
     def test_redelivered_after_a_crash_between_done_and_ack_is_processed_once(
-        self, url: str, unique_name: str, tmp_path: Path
+        self, url: str, unique_name: str, tmp_path: Path, stall_writer: bool
     ) -> None:
-        """SIGKILL right after mark_done: the broker redelivers (no ack/commit), SQLite remembers it."""
+        """SIGKILL right after mark_done returned: the broker redelivers (no ack/commit), the store remembers.
+
+        With the store's writer stalled (as if another process held the file's lock), every done record
+        exists only in the dead process's journal: the restarted store replays it. And the consumer
+        did not wait for the file to acknowledge: RabbitMQ runs with prefetch 1, so the 2nd to 5th
+        deliveries came only after the acks of the ones before them.
+        """
         with connect(url, name=unique_name, **self.settings) as broker:
             # Declare the source (and create its topics) first, so messages published now are kept.
-            broker.consumer(unique_name, lambda m: None).start().stop()
+            broker.consumer(unique_name, lambda m: None, group=unique_name).start().stop()
             ids = [broker.publish(unique_name, f"{i}").message_id for i in range(10)]
             assert broker.flush(30)
         dedup, log = tmp_path / "dedup.sqlite3", tmp_path / "handled.log"
         cmd = [sys.executable, str(HERE / "_dedup_consumer.py"), url, unique_name, unique_name, str(dedup), str(log),
                "10"]
-        crashed = subprocess.run([*cmd, "--crash-after", "5"], capture_output=True, text=True, timeout=120,
-                                 check=False)
+        crash = ["--crash-after", "5", *(["--stall-writer"] if stall_writer else [])]
+        crashed = subprocess.run([*cmd, *crash], capture_output=True, text=True, timeout=120, check=False)
         assert crashed.returncode == -9, crashed.stderr[-2000:]
         before_crash = log.read_text().split()
-        # The first 5 (RabbitMQ: exactly; Kafka: the rest of the 5th's fetched batch too) were handled
-        # and their done records made durable; none was acknowledged.
-        assert len(before_crash) >= 5
-        assert len(set(before_crash)) == len(before_crash) and set(before_crash) <= set(ids)
+        assert len(before_crash) == 5, "the process died in the 5th message's mark_done"
+        assert len(set(before_crash)) == 5 and set(before_crash) <= set(ids)
+        if stall_writer:
+            with sqlite3.connect(dedup) as conn:
+                written = conn.execute("SELECT count(*) FROM rm_dedup WHERE owner IS NULL").fetchone()[0]
+            conn.close()
+            assert written == 0, "no done record reached the file: only the journal has them"
         restarted = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         assert restarted.returncode == 0, restarted.stderr[-2000:]
         stats = json.loads(restarted.stdout.strip().splitlines()[-1])
@@ -299,6 +299,120 @@ class FacadeContract:
         assert sorted(runs) == sorted(ids), "every message handled exactly once across the crash"
         assert stats["deduplicated"] >= 1, "the message marked done before the crash must come back and be skipped"
         assert stats["processed"] == len(ids) - len(before_crash)
+
+    # -- stopping ---------------------------------------------------------------------------------------
+
+    @pytest.mark.timeout(90)
+    def test_a_handler_raising_a_base_exception_stops_the_consumer_visibly(
+        self, url: str, unique_name: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """SystemExit from a library the handler calls: run() raises it, error says why, the message comes back."""
+        caplog.set_level(logging.ERROR, logger="reliable_messaging")
+
+        def handler(message: Message) -> None:
+            if message.body == b"exit":
+                sys.exit(3)
+
+        with connect(url, retry=FAST_RETRY, name=unique_name, **self.settings) as broker:
+            consumer = broker.consumer(unique_name, handler, group=unique_name)
+            raised: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    consumer.run()
+                except BaseException as exc:
+                    raised.append(exc)
+
+            runner = threading.Thread(target=run)
+            runner.start()
+            wait_for(lambda: consumer.running, 30, "the consumer to run")
+            broker.publish(unique_name, b"exit").result(timeout=30)
+            runner.join(60)
+            assert not runner.is_alive(), "run() returned"
+            assert len(raised) == 1 and isinstance(raised[0], SystemExit) and raised[0].code == 3
+            assert not consumer.running
+            assert isinstance(consumer.error, rm.HandlerAborted)
+            assert isinstance(consumer.error.__cause__, SystemExit)
+            assert any("SystemExit" in r.getMessage() for r in caplog.records), "logged"
+            # Not acknowledged: the next consumer of the source gets the message.
+            recorder = Recorder()
+            self.started(broker, unique_name, recorder)
+            wait_for(lambda: recorder.bodies() == [b"exit"], 60, "the message to come back")
+
+    @pytest.mark.timeout(90)
+    def test_a_background_consumer_whose_handler_raises_keyboard_interrupt_stops_with_an_error(
+        self, url: str, unique_name: str
+    ) -> None:
+        def handler(message: Message) -> None:
+            raise KeyboardInterrupt
+
+        with connect(url, retry=FAST_RETRY, name=unique_name, **self.settings) as broker:
+            consumer = self.started(broker, unique_name, handler)
+            broker.publish(unique_name, b"x").result(timeout=30)
+            wait_for(lambda: not consumer.running, 60, "the consumer to stop")
+            assert isinstance(consumer.error, rm.HandlerAborted)
+            assert isinstance(consumer.error.__cause__, KeyboardInterrupt)
+            assert consumer.stats.processed == 0
+
+    @pytest.mark.timeout(90)
+    def test_stop_waits_for_a_slow_handler_and_its_message_goes_nowhere_else_meanwhile(
+        self, url: str, unique_name: str
+    ) -> None:
+        started, release = threading.Event(), threading.Event()
+
+        def slow(message: Message) -> None:
+            started.set()
+            assert release.wait(60)
+
+        with connect(url, retry=FAST_RETRY, name=unique_name, **self.settings) as broker:
+            consumer = self.started(broker, unique_name, slow)
+            self.wait_both_assigned(consumer, consumer)
+            broker.publish(unique_name, b"slow").result(timeout=30)
+            assert started.wait(60)
+            began = time.monotonic()
+            assert consumer.stop(timeout=1.0) is False, "the handler is still running"
+            assert 0.9 <= time.monotonic() - began < 5
+            assert consumer.running, "it keeps its channel / partition until the handler returns"
+            other = Recorder()
+            self.started(broker, unique_name, other)  # a second consumer of the same source
+            time.sleep(3)
+            assert other.seen == [], "the message was handed to another consumer while its handler ran"
+            release.set()
+            wait_for(lambda: not consumer.running, 30, "the first consumer to finish, acknowledge and close")
+            assert consumer.stats.processed == 1
+            assert consumer.stop(timeout=1.0) is True
+            time.sleep(3)  # the second consumer now has the source to itself: nothing may come back
+            assert other.seen == [], "acknowledged when the handler returned"
+
+    # -- a claim held by a live consumer --------------------------------------------------------------
+
+    @pytest.mark.timeout(90)
+    def test_a_message_claimed_by_a_live_consumer_is_handed_back_with_growing_delays(
+        self, url: str, unique_name: str, tmp_path: Path
+    ) -> None:
+        """Not hot-looped: the copies made while it waits are few, each waits longer (x-rm-deferrals)."""
+        path = tmp_path / "dedup.sqlite3"
+        holder = rm.SQLiteDedupStore(path)  # another live consumer instance, holding the message's claim
+        key = f"{unique_name}/held-1"  # the facade's key: <group or queue>/<message id>
+        assert holder.claim(key) is rm.ClaimResult.ACQUIRED
+        recorder = Recorder()
+        try:
+            with connect(url, guarantee="effectively-once", dedup_path=path, retry=FAST_RETRY, name=unique_name,
+                         **self.settings) as broker:
+                consumer = self.started(broker, unique_name, recorder)
+                broker.publish(unique_name, b"held", message_id="held-1").result(timeout=30)
+                wait_for(lambda: consumer.stats.bounced >= 1, 60, "the first hand-back")
+                time.sleep(4)
+                bounced = consumer.stats.bounced
+                # Delays 0.2, 0.4, 0.8, then 1.0 s (FAST_RETRY's cap): about 5 in 4 s; 20 at a fixed 0.2 s.
+                assert 3 <= bounced <= 8, bounced
+                assert recorder.seen == [], "never run while another consumer holds it"
+                holder.release(key)
+                wait_for(lambda: len(recorder.seen) == 1, 30, "the message, once the claim is released")
+                assert recorder.seen[0].attempt == 1, "hand-backs use up no attempt"
+                assert int(recorder.seen[0].header(rm.DEFERRALS_HEADER) or 0) >= 3
+        finally:
+            holder.close()
 
     @pytest.mark.redis
     @pytest.mark.timeout(120)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from reliable_messaging import Broker, KafkaProducer, KafkaProducerConfig, connect
-from reliable_messaging.testing import KafkaEndpoint, wait_for
+from reliable_messaging import Broker, KafkaProducer, KafkaProducerConfig
+from reliable_messaging.testing import KafkaEndpoint
 
-from .base import FacadeContract, PausedWriterStore, Recorder
+from .base import FacadeContract
 
 pytestmark = [pytest.mark.kafka]
 
@@ -79,27 +78,3 @@ class TestKafkaFacade(FacadeContract):
             return sum(max(tp.offset, 0) for tp in offsets)
         finally:
             consumer.close()
-
-    @pytest.mark.timeout(120)
-    def test_an_offset_is_committed_only_once_its_done_record_is_durable(
-        self, url: str, unique_name: str, tmp_path: Path
-    ) -> None:
-        store = PausedWriterStore(tmp_path / "dedup.sqlite3")
-        recorder = Recorder()
-        try:
-            # Commits every 0.2 s: without the wait for durability, the offsets would be committed at once.
-            with connect(url, guarantee="effectively-once", dedup=store, name=unique_name, commit_interval=0.2,
-                         commit_every=100, **self.settings) as broker:
-                consumer = self.started(broker, unique_name, recorder, group=unique_name)
-                for i in range(3):
-                    broker.publish(unique_name, f"{i}").result(timeout=30)
-                wait_for(lambda: len(recorder.seen) == 3, 60, "3 messages handled")
-                time.sleep(1.5)
-                assert consumer.stats.processed == 3
-                assert self.committed(url, unique_name, unique_name) == 0, "committed before durable"
-                store.resume.set()
-                wait_for(lambda: self.committed(url, unique_name, unique_name) == 3, 30,
-                         "the offsets committed once the done records are durable")
-        finally:
-            store.resume.set()
-            store.close()

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import pika
 import pytest
 
-from reliable_messaging import Broker, connect
-from reliable_messaging.testing import RabbitMQEndpoint, wait_for
+from reliable_messaging import Broker
+from reliable_messaging.testing import RabbitMQEndpoint
 
-from .base import FacadeContract, PausedWriterStore, Recorder
+from .base import FacadeContract
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -50,28 +49,3 @@ class TestRabbitMQFacade(FacadeContract):
     def publish_to_two_places(self, broker: Broker, source: str, message_id: str, body: bytes) -> None:
         for _ in range(2):
             broker.publish(source, body, message_id=message_id).result(timeout=30)
-
-    # -- RabbitMQ only ---------------------------------------------------------------------------------
-
-    @pytest.mark.timeout(120)
-    def test_a_message_is_acked_only_once_its_done_record_is_durable(
-        self, url: str, unique_name: str, tmp_path: Path
-    ) -> None:
-        store = PausedWriterStore(tmp_path / "dedup.sqlite3")
-        recorder = Recorder()
-        try:
-            # prefetch 1: the broker delivers the second message only after the first one's basic.ack.
-            with connect(url, guarantee="effectively-once", dedup=store, name=unique_name, prefetch=1) as broker:
-                consumer = self.started(broker, unique_name, recorder)
-                for body in (b"first", b"second"):
-                    broker.publish(unique_name, body).result(timeout=30)
-                wait_for(lambda: len(recorder.seen) == 1, 60, "the first message")
-                time.sleep(1.5)
-                assert consumer.stats.processed == 1
-                assert recorder.bodies() == [b"first"], "acked before its done record was durable"
-                store.resume.set()
-                wait_for(lambda: len(recorder.seen) == 2, 30, "the second message, once the first is acked")
-                assert recorder.bodies() == [b"first", b"second"]
-        finally:
-            store.resume.set()
-            store.close()

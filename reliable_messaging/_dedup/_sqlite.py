@@ -198,7 +198,8 @@ class SQLiteDedupStore(DedupStore):
         self._token = ThreadTokens()
         self.instance = self._token.instance
         self._identity = this_process()
-        self._lock = threading.Lock()  # the connection; taken before _mutex, never after it
+        self._claim_lock = threading.Lock()  # one claim decision at a time; taken before _lock
+        self._lock = threading.Lock()  # the write connection; taken before _mutex, never after it
         self._mutex = threading.Lock()  # the in-process state below
         self._state = threading.Condition(self._mutex)  # the writer waits on it
         self._claimed: dict[str, list[Any]] = {}
@@ -219,12 +220,20 @@ class SQLiteDedupStore(DedupStore):
         self._owners = OwnerRegistry(instance=self.instance, identity=self._identity, journal_directory=directory,
                                      liveness=self.liveness, ttl=self.ttl, clock=clock, where=self.path)
         self._conn: sqlite3.Connection | None = self._connect()
+        # Lookups have their own connection: in WAL mode a read never waits for a write, so claims go on
+        # while the writer waits for a lock another process holds. (":memory:" is one database per
+        # connection: there, lookups share the writer's.)
+        self._reader: sqlite3.Connection | None = None
         self._journal: DoneJournal | None = None
         try:
+            if self.path != ":memory:":
+                self._reader = self._connect()
             self._open(directory)
         except BaseException:
             self._conn.close()
             self._conn = None
+            if self._reader is not None:
+                self._reader.close()
             raise
 
     def __repr__(self) -> str:
@@ -289,7 +298,7 @@ class SQLiteDedupStore(DedupStore):
         self._check_process()
         token = self._token()
         results: dict[str, ClaimResult] = {}
-        with self._lock:
+        with self._claim_lock, self._lock:
             conn = self._connection()
             with self._mutex:
                 self._check_open()
@@ -338,14 +347,16 @@ class SQLiteDedupStore(DedupStore):
         self._check_process()
         token = self._token()
         results: dict[str, ClaimResult] = {}
-        with self._lock:  # no group commit between the lookup and the claims taken on it
-            conn = self._connection()
+        # One decision at a time within the process: no other thread claims a key between this one's
+        # look at its state and its claim. (The writer may commit meanwhile: a key it writes as done was
+        # pending in memory at the look, and it leaves the pending set only once committed.)
+        with self._claim_lock:
             with self._mutex:
                 self._check_open()
                 now = self._clock()
                 ask = self._decide_locally(keys, token, now, results)
             if ask:
-                self._decide_from_file(conn, ask, now, results)
+                self._decide_from_file(ask, now, results)
                 fresh = [key for key in ask if results[key] is ClaimResult.ACQUIRED]
                 if fresh:
                     with self._mutex:
@@ -380,13 +391,9 @@ class SQLiteDedupStore(DedupStore):
                 results[key] = ClaimResult.IN_PROGRESS  # another thread of this process runs it
         return ask
 
-    def _decide_from_file(self, conn: sqlite3.Connection, keys: list[str], now: float,
-                          results: dict[str, ClaimResult]) -> None:
-        """(_lock held) Decide ``keys`` from their rows, taking over the claims of dead instances."""
-        try:
-            rows = conn.execute(_LOOKUP_BATCH, (dumps(keys),)).fetchall()
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
+    def _decide_from_file(self, keys: list[str], now: float, results: dict[str, ClaimResult]) -> None:
+        """(_claim_lock held) Decide ``keys`` from their rows, taking over the claims of dead instances."""
+        rows = self._lookup(keys)
         held: dict[str, str] = {}  # key -> instance holding a live claim on it
         for key, owner, expires in rows:
             if expires <= now:
@@ -397,29 +404,40 @@ class SQLiteDedupStore(DedupStore):
                 held[key] = owner[:INSTANCE_ID_LENGTH]
         if held:
             owners = self._owners
-            try:
-                reap, gone = owners.dead_among(conn, held.values())
-            except sqlite3.Error as exc:
-                raise self._unavailable(exc) from exc
-            if reap:
-                self._transaction(conn, lambda: owners.reap(conn, reap))
-                owners.remove_journals(reap)
+            with self._lock:
+                conn = self._connection()
+                try:
+                    reap, gone = owners.dead_among(conn, held.values())
+                except sqlite3.Error as exc:
+                    raise self._unavailable(exc) from exc
+                if reap:
+                    self._transaction(conn, lambda: owners.reap(conn, reap))
+                    owners.remove_journals(reap)
             dead = gone.union(reap)
             freed = [key for key, instance in held.items() if instance in dead]
             for key in freed:
                 del held[key]
             if reap:  # their journals are in the file now: what they finished is done
-                try:
-                    rows = conn.execute(_LOOKUP_BATCH, (dumps(freed),)).fetchall()
-                except sqlite3.Error as exc:
-                    raise self._unavailable(exc) from exc
-                for key, owner, expires in rows:
+                for key, owner, expires in self._lookup(freed):
                     if owner is None and expires > now:
                         results[key] = ClaimResult.DONE
             for key in held:
                 results[key] = ClaimResult.IN_PROGRESS
         for key in keys:
             results.setdefault(key, ClaimResult.ACQUIRED)  # no row, a lapsed one, or a claim now free
+
+    def _lookup(self, keys: list[str]) -> list[tuple[str, str | None, float]]:
+        """The rows of ``keys`` (absent keys have none), read on the reader connection."""
+        reader = self._reader
+        try:
+            if reader is None:  # ":memory:"
+                with self._lock:
+                    return self._connection().execute(_LOOKUP_BATCH, (dumps(keys),)).fetchall()
+            return reader.execute(_LOOKUP_BATCH, (dumps(keys),)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+        except AttributeError as exc:  # pragma: no cover - closed meanwhile
+            raise ClosedError(f"the SQLite dedup store {self.path!r} is closed") from exc
 
     # -- done records -------------------------------------------------------------------------------------
 
@@ -681,6 +699,10 @@ class SQLiteDedupStore(DedupStore):
             if writer.is_alive():
                 logger.warning("SQLite dedup store %s: the writer did not finish within %.1fs", self.path,
                                self.timeout + _CLOSE_GRACE)
+        with self._claim_lock:
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.close()
         with self._lock:
             conn, self._conn = self._conn, None
             if conn is None:

@@ -20,6 +20,7 @@ from .._errors import ConfigurationError
 __all__ = [
     "DEFAULT_COMMIT_EVERY",
     "DEFAULT_COMMIT_INTERVAL",
+    "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_DELIVERY_TIMEOUT",
     "DEFAULT_LINGER",
     "DEFAULT_QUEUE_FULL_TIMEOUT",
@@ -39,6 +40,11 @@ Kafka's own default: long enough to ride out a leader election (the controller
 needs ``broker.session.timeout.ms`` to notice a dead broker, then a new leader
 is elected) and a broker restart.
 """
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+"""Seconds a producer has to reach a broker for the first time before its messages fail with
+BrokerUnavailable (a wrong address, a broker not started): a few connection attempts, not the
+two minutes of ``delivery_timeout`` meant to ride out a leader election once connected."""
 
 DEFAULT_LINGER = 0.005
 """Seconds the producer waits to fill a batch (``linger.ms``): librdkafka's default of 5 ms.
@@ -233,6 +239,10 @@ class KafkaProducerConfig:
     """
     queue_full_timeout: float = DEFAULT_QUEUE_FULL_TIMEOUT
     """Seconds ``publish`` waits for room in librdkafka's local queue before failing the future."""
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    """Seconds to reach a broker the first time. Until then messages wait; after it, those and every new
+    one fail with :class:`~reliable_messaging.BrokerUnavailable` (nothing was sent) until a broker
+    answers. Once a broker was reached, an outage is ridden out within ``delivery_timeout``."""
     client_id: str = "reliable-messaging"
     """``client.id``: shows up in broker logs and quotas."""
     extra: Mapping[str, ConfigValue] = field(default_factory=dict)
@@ -264,6 +274,7 @@ class KafkaProducerConfig:
         _positive(owner, "delivery_timeout", self.delivery_timeout)
         _positive(owner, "linger", self.linger, allow_zero=True)
         _positive(owner, "queue_full_timeout", self.queue_full_timeout, allow_zero=True)
+        _positive(owner, "connect_timeout", self.connect_timeout)
         if self.compression not in COMPRESSION_TYPES:
             raise ConfigurationError(
                 f"{owner}.compression must be one of {', '.join(COMPRESSION_TYPES)}, got {self.compression!r}",

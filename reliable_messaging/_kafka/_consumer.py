@@ -61,6 +61,7 @@ from .._errors import (
     ReliableMessagingError,
 )
 from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
+from .._log import limit_repeats
 from .._message import ATTEMPT_HEADER, DEFERRALS_HEADER, MESSAGE_ID_HEADER
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._config import CommitMode, KafkaConsumerConfig, KafkaProducerConfig
@@ -83,7 +84,7 @@ from ._topology import TopicNames, create_topics, partition_counts
 
 __all__ = ["KafkaConsumer"]
 
-logger = logging.getLogger("reliable_messaging.kafka.consumer")
+logger = limit_repeats(logging.getLogger("reliable_messaging.kafka.consumer"))
 
 _POLL_TIMEOUT = 0.2
 """Seconds ``consume()`` waits for records: the longest ``stop()`` waits for an idle consumer."""
@@ -213,7 +214,7 @@ class KafkaConsumer:
         conf = config.librdkafka()
         conf["on_commit"] = self._on_commit
         conf["error_cb"] = self._on_client_error
-        conf["logger"] = logging.getLogger("reliable_messaging.kafka.librdkafka")
+        conf["logger"] = limit_repeats(logging.getLogger("reliable_messaging.kafka.librdkafka"))
         try:
             self._consumer = Consumer(conf)
         except KafkaException as exc:

@@ -41,6 +41,8 @@ __all__ = ["KafkaDeliveryFuture"]
 
 _LAZY_LOCK = threading.Lock()
 
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+
 _Report = tuple["int | None", "int | None", tuple[int, int]]
 """What a delivery report says: partition, offset, (timestamp type, timestamp in ms)."""
 
@@ -54,6 +56,9 @@ class KafkaDeliveryFuture(DeliveryFuture):
 
     _lazy_condition: threading.Condition | None = None  # class default: no condition yet
     _report: _Report | None = None  # (partition, offset, (timestamp type, timestamp)) until built
+    purge_error: BaseException | None = None
+    """Set by the producer on a future it purges for a reason of its own (no broker was ever reached):
+    the purge report fails the future with this error instead of "closed before it was sent"."""
 
     def __init__(self, message_id: str, topic: str = "") -> None:
         # Future.__init__ is deliberately not called: it would build the condition eagerly.
@@ -67,7 +72,11 @@ class KafkaDeliveryFuture(DeliveryFuture):
 
     def __call__(self, err: KafkaError | None, msg: RawMessage) -> None:
         if err is not None:
-            self.set_exception(delivery_error(err, self.message_id))
+            purged = self.purge_error
+            if purged is not None and err.code() in _PURGED:
+                self.set_exception(purged)
+            else:
+                self.set_exception(delivery_error(err, self.message_id))
             return
         report = (msg.partition(), msg.offset(), msg.timestamp())
         if self._lazy_condition is None:

@@ -14,20 +14,27 @@ expires), queue a *delivery report*. Reports are handed to Python only by
   topic, partition, offset, timestamp) or fails it with a typed
   :class:`DeliveryError` (mapped in :mod:`._errors`);
 - never leaves a future pending on ``close()``: what the brokers did not
-  acknowledge in time is purged, and librdkafka reports every purged message.
+  acknowledge in time is purged, and librdkafka reports every purged message;
+- fails fast when no broker was ever reached: librdkafka would retry for the whole
+  ``delivery_timeout`` (two minutes) and then say the message "may or may not have
+  been stored". The poller asks for metadata until a broker answers; after
+  ``connect_timeout`` without one, the queued messages are purged and fail with
+  :class:`BrokerUnavailable`, and so does every new one until a broker answers.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import tenacity
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from .._errors import ClosedError, ConfigurationError, DeliveryTimeout, InvalidMessage
+from .._errors import BrokerUnavailable, ClosedError, ConfigurationError, DeliveryTimeout, InvalidMessage
+from .._log import limit_repeats
 from .._message import MESSAGE_ID_HEADER, DeliveryFuture, coerce_body, new_message_id
 from ._config import KafkaProducerConfig
 from ._errors import delivery_error
@@ -35,8 +42,8 @@ from ._future import KafkaDeliveryFuture
 
 __all__ = ["KafkaProducer"]
 
-logger = logging.getLogger("reliable_messaging.kafka.producer")
-librdkafka_logger = logging.getLogger("reliable_messaging.kafka.librdkafka")
+logger = limit_repeats(logging.getLogger("reliable_messaging.kafka.producer"))
+librdkafka_logger = limit_repeats(logging.getLogger("reliable_messaging.kafka.librdkafka"))
 
 _POLL_INTERVAL = 0.1
 """Seconds the poller thread blocks in ``poll()``: the longest it takes to notice ``close()``."""
@@ -52,6 +59,9 @@ _PURGE_GRACE = 10.0
 
 _QUEUE_FULL_WAIT = 0.01
 """Seconds between attempts to enqueue while librdkafka's queue is full (spent serving delivery reports)."""
+
+_PROBE_TIMEOUT = 1.0
+"""Seconds each metadata request of the poller waits while no broker was reached yet."""
 
 HeaderInput = Mapping[str, "str | bytes | bytearray | memoryview | int | float | bool | None"]
 
@@ -102,6 +112,11 @@ class KafkaProducer:
         self._queue_full_sleep = queue_full_sleep or self._serve_reports_for
         self._closed = False
         self._close_lock = threading.Lock()
+        self._reached = False  # a broker answered once
+        self._started = time.monotonic()
+        self._unreachable: BrokerUnavailable | None = None  # set once connect_timeout passed without a broker
+        self._waiting: list[KafkaDeliveryFuture] = []  # published before a broker answered
+        self._waiting_lock = threading.Lock()
         self._published = 0
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name=f"rm-kafka-poller-{config.client_id}",
@@ -150,6 +165,13 @@ class KafkaProducer:
         elif partition.__class__ is not int or partition < 0:
             raise InvalidMessage(f"partition must be None or an int >= 0, got {partition!r}")
         future = KafkaDeliveryFuture(message_id, topic)
+        if not self._reached:
+            with self._waiting_lock:
+                if self._unreachable is not None:
+                    future.set_exception(self._unreachable_error(message_id))
+                    return future
+                if not self._reached:
+                    self._waiting.append(future)
         try:
             # Positional on purpose (topic, value, key, partition, on_delivery, its alias, timestamp, headers):
             # confluent-kafka parses keyword arguments slowly, ~0.7 us per call measured here.
@@ -197,6 +219,37 @@ class KafkaProducer:
     def _serve_reports_for(self, seconds: float) -> None:
         self._poll(seconds)
 
+    def _unreachable_error(self, message_id: str | None) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"no Kafka broker of {self.config.bootstrap_servers} answered within {self.config.connect_timeout:.0f}s "
+            f"(connect_timeout); message {message_id} was not sent")
+
+    # -- reaching a broker ----------------------------------------------------------------------
+
+    def _probe(self) -> None:
+        """(poller thread) Until a broker answered: ask for metadata; past connect_timeout, fail what waits."""
+        try:
+            self._producer.list_topics(timeout=_PROBE_TIMEOUT)
+        except KafkaException:
+            if self._unreachable is None and time.monotonic() - self._started >= self.config.connect_timeout:
+                with self._waiting_lock:
+                    self._unreachable = self._unreachable_error(None)
+                    waiting, self._waiting = self._waiting, []
+                logger.error("no Kafka broker of %s answered within %.0fs: failing the %d queued messages and "
+                             "every new one until a broker answers", self.config.bootstrap_servers,
+                             self.config.connect_timeout, len(waiting))
+                for future in waiting:  # their purge reports fail them with this error (see KafkaDeliveryFuture)
+                    future.purge_error = self._unreachable_error(future.message_id)
+                self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+                self._poll(0)
+            return
+        with self._waiting_lock:
+            if self._unreachable is not None:
+                logger.warning("a Kafka broker of %s answered: publishing again", self.config.bootstrap_servers)
+            self._unreachable = None
+            self._reached = True
+            self._waiting = []
+
     # -- draining -------------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> int:
@@ -232,6 +285,8 @@ class KafkaProducer:
             logger.warning("producer poller thread did not stop within %.1fs", _POLL_INTERVAL * 20)
 
     def _settle_after_close(self, timeout: float) -> None:
+        if not self._reached:  # nothing was ever sent: no broker answer to wait for
+            timeout = min(timeout, _PROBE_TIMEOUT)
         remaining = self._producer.flush(max(0.0, timeout))
         if remaining:
             logger.warning("closing with %d messages not acknowledged after %.1fs: failing their futures",
@@ -269,6 +324,10 @@ class KafkaProducer:
         poll = self._poll
         seen = -1
         while not self._stop.is_set():
+            if not self._reached:
+                self._probe()
+                poll(0)
+                continue
             published = self._published
             if published != seen:
                 seen = published
