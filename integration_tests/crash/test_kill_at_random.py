@@ -32,6 +32,8 @@ from typing import Any
 import pytest
 
 from reliable_messaging import connect
+from reliable_messaging._kafka._config import DEFAULT_COMMIT_EVERY
+from reliable_messaging._rabbitmq._config import DEFAULT_PREFETCH
 from reliable_messaging.testing import KafkaEndpoint, RabbitMQEndpoint, RedisEndpoint
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -40,7 +42,7 @@ HERE = Path(__file__).parent
 MESSAGES = 3000
 KILLS = 3
 
-KAFKA_SETTINGS = {"session_timeout": 6.0}
+KAFKA_SETTINGS: dict[str, Any] = {"session_timeout": 6.0}
 """The killed member stays in the group until its session times out: the restarted consumer gets
 the partition after that (Kafka's rebalance, not the library's), so the drain bound includes it."""
 
@@ -166,28 +168,42 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
     return run
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "none"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The effectively-once preset with its default SQLite store or a Redis store; "none": at-least-once."""
     if request.param == "sqlite":
         return f"sqlite:{tmp_path / 'dedup.sqlite3'}"
-    redis: RedisEndpoint = request.getfixturevalue("redis_endpoint")
-    return f"redis:{redis.url}"
+    if request.param == "redis":
+        redis: RedisEndpoint = request.getfixturevalue("redis_endpoint")
+        return f"redis:{redis.url}"
+    return "none"
+
+
+def repeats_bound(store: str, at_least_once: int) -> int:
+    """Handler runs a kill may repeat: effectively-once, the one handler running; else the preset's window."""
+    return 1 if store != "none" else at_least_once
 
 
 @pytest.mark.kafka
-def test_kafka_effectively_once_repeats_at_most_the_running_handler_per_kill(
+@pytest.mark.timeout(120)
+def test_kafka_consumer_killed_at_random_moments(
         kafka_endpoint: KafkaEndpoint, topic: str, store: str, tmp_path: Path) -> None:
+    """At-least-once repeats at most ``commit_every`` (10,000) records per kill: the records processed since
+    the last acknowledged offset commit. The figure measured is printed (README: "Crash bounds")."""
     url = f"kafka://{kafka_endpoint.bootstrap_servers}"
     run = kill_at_random(url, topic, f"{topic}-g", store, tmp_path, settings=KAFKA_SETTINGS)
     assert run.lost == 0, run.describe()
-    assert run.repeats <= KILLS, run.describe()
-    assert run.drain <= 30, run.describe()
+    assert run.repeats <= KILLS * repeats_bound(store, DEFAULT_COMMIT_EVERY), run.describe()
+    # The killed member holds its partition until its session times out (6 s here): then a few seconds.
+    assert run.drain <= KAFKA_SETTINGS["session_timeout"] + 10, run.describe()
 
 
 @pytest.mark.rabbitmq
-def test_rabbitmq_effectively_once_repeats_at_most_the_running_handler_per_kill(
+@pytest.mark.timeout(120)
+def test_rabbitmq_consumer_killed_at_random_moments(
         rabbitmq_endpoint: RabbitMQEndpoint, queue_name: str, store: str, tmp_path: Path) -> None:
+    """At-least-once repeats at most ``prefetch`` (100) deliveries per kill: those handled, not yet acked."""
     run = kill_at_random(rabbitmq_endpoint.url, queue_name, "unused", store, tmp_path, settings={})
     assert run.lost == 0, run.describe()
-    assert run.repeats <= KILLS, run.describe()
-    assert run.drain <= 20, run.describe()
+    assert run.repeats <= KILLS * repeats_bound(store, DEFAULT_PREFETCH), run.describe()
+    assert run.drain <= 10, run.describe()
