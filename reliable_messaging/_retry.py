@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import tenacity
 
 from ._errors import TRANSIENT_ERRORS, ConfigurationError
+from ._log import limit_repeats
 
 __all__ = ["DEFAULT_RETRY_POLICY", "RetryPolicy"]
 
-logger = logging.getLogger("reliable_messaging.retry")
+logger = limit_repeats(logging.getLogger("reliable_messaging.retry"))
 
 # tenacity 9.2 renamed wait_exponential_jitter's `initial` to `multiplier` (the old name warns).
 _HAS_MULTIPLIER = "multiplier" in inspect.signature(tenacity.wait_exponential_jitter).parameters

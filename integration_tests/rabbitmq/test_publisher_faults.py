@@ -7,6 +7,7 @@ their original message id) and confirmed on a later connection.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -130,3 +131,30 @@ def test_tcp_cuts_while_publishing_lose_no_confirmed_message(
     assert stats.republished >= 100, stats
     got = _assert_all_confirmed_and_stored(producer, admin, queue_name)
     assert len(got) > producer.total, "publishes stored before their confirm was lost are stored twice"
+
+
+@pytest.mark.timeout(60)
+def test_reconnect_attempts_to_a_refusing_broker_are_logged_once_per_interval_not_each_time(
+    rabbitmq_proxy: ProxiedEndpoint, queue_name: str, connection_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the broker refuses connections, pika logs five or six ERROR lines (one with a traceback) per
+    attempt; attempts every 0.1-1 s would fill the log. Each kind of line goes through once per 30 s."""
+    caplog.set_level(logging.WARNING)
+    topology = RabbitMQTopology(queues=(RabbitMQQueue(name=queue_name),))
+    config = RabbitMQPublisherConfig(url=rabbitmq_proxy.address, connection_name=connection_name,
+                                     reconnect=FAST_RECONNECT)
+    with RabbitMQPublisher(config, topology=topology) as publisher:
+        publisher.publish("", queue_name, b"before").result(timeout=30)
+        caplog.clear()
+        rabbitmq_proxy.proxy.refuse()
+        rabbitmq_proxy.proxy.cut()
+        time.sleep(6)  # about ten reconnect attempts
+        attempts = publisher.stats.connections  # unchanged: none got through
+        rabbitmq_proxy.proxy.accept()
+        publisher.publish("", queue_name, b"after").result(timeout=30)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert attempts == 1
+    # About ten attempts: some sixty lines without the filter; each kind once (a few kinds differ in more
+    # than numbers: the stack pika prints, a reset during the handshake or before it).
+    assert len(lines) <= 25, [r.getMessage()[:120] for r in lines]
+    assert sum(1 for r in lines if r.exc_info) <= 2, "a traceback per attempt"

@@ -31,12 +31,21 @@ import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
 from .._errors import BrokerUnavailable, ClosedError, ReliableMessagingError
+from .._log import limit_repeats
 from .._retry import RetryPolicy
 from ._errors import map_pika_error
 
 __all__ = ["Connection", "IOThread"]
 
-logger = logging.getLogger("reliable_messaging.rabbitmq")
+logger = limit_repeats(logging.getLogger("reliable_messaging.rabbitmq"))
+
+# pika logs every failed connection attempt at ERROR, some with a traceback, five or six lines an
+# attempt: while a broker is down and the I/O thread reconnects, each kind of line is let through once
+# per interval (repeats are counted, not lost). Only these loggers of pika's are touched.
+for _name in ("pika.adapters.utils.io_services_utils", "pika.adapters.utils.connection_workflow",
+              "pika.adapters.blocking_connection", "pika.adapters.base_connection",
+              "pika.adapters.select_connection", "pika.connection", "pika.channel"):
+    limit_repeats(logging.getLogger(_name))
 
 TICK_INTERVAL = 0.1
 """Seconds between periodic checks (deadlines, shutdown progress) on the I/O thread."""

@@ -76,6 +76,7 @@ import pika.spec
 from .._dedup._base import DedupStore
 from .._errors import ClosedError, ConfigurationError, ConsumerCancelled, HandlerAborted, ReliableMessagingError
 from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
+from .._log import limit_repeats
 from .._message import ATTEMPT_HEADER, DEFERRALS_HEADER, Message, header_count
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._config import RabbitMQAckMode, RabbitMQConsumerConfig, RabbitMQRetryMode, connection_parameters
@@ -86,7 +87,7 @@ from ._topology import RabbitMQQueueType, RabbitMQTopology, _check_name, retry_q
 
 __all__ = ["RabbitMQConsumer"]
 
-logger = logging.getLogger("reliable_messaging.rabbitmq.consumer")
+logger = limit_repeats(logging.getLogger("reliable_messaging.rabbitmq.consumer"))
 
 ERROR_HEADER = "x-rm-error"
 """Set on a retried copy: why the previous attempt failed (truncated), for whoever inspects the queue."""

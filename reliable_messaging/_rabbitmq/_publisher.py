@@ -64,6 +64,7 @@ from .._errors import (
     ReliableMessagingError,
     Unroutable,
 )
+from .._log import limit_repeats
 from .._message import Delivery, DeliveryFuture, coerce_body, new_message_id
 from ._config import RabbitMQPublisherConfig, connection_parameters
 from ._connection import IOThread
@@ -73,7 +74,7 @@ from ._topology import RabbitMQTopology
 
 __all__ = ["RabbitMQPublisher", "RabbitMQPublisherStats"]
 
-logger = logging.getLogger("reliable_messaging.rabbitmq.publisher")
+logger = limit_repeats(logging.getLogger("reliable_messaging.rabbitmq.publisher"))
 
 MAX_CHANNEL_FAILURES = 3
 """A message in flight on this many channels that the broker closed (for a reason the publisher
