@@ -158,3 +158,22 @@ def test_dead_letter_sources() -> None:
     with connect(KAFKA) as kafka, connect(AMQP) as rabbit:
         assert kafka.dead_letter_source("orders") == "orders.DLT"
         assert rabbit.dead_letter_source("orders") == "orders.dlq"
+
+
+def test_the_readme_override_examples_run_as_written() -> None:
+    """The README block showing overrides (no broker needed: connect() does not connect)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL) if "allow_weaker=True" in b]
+    assert len(blocks) == 1
+    # Each statement keeps its broker; the Redis store of the first line becomes a memory store (no server here).
+    code = re.sub(r"^rm\.connect\((.*?)\)\s*(#.*)?$", r"opened.append(rm.connect(\1))", blocks[0], flags=re.M)
+    code = code.replace('rm.RedisDedupStore("redis://127.0.0.1:6379/0")', "rm.MemoryDedupStore()")
+    opened: list[rm.Broker] = []
+    exec(code, {"rm": rm, "url": KAFKA, "opened": opened})  # the block's knobs are Kafka's
+    assert len(opened) == 3
+    assert not opened[0].weakened and not opened[1].weakened
+    assert opened[2].weakened, "acks=1 weakens at-least-once"
+    for broker in opened:
+        broker.close()
