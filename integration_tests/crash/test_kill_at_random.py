@@ -12,7 +12,8 @@ restarts it on the same store each time, and finally lets it drain. Then:
 - **drain** = seconds from the last restart until every id was handled: bounded, so a dead
   consumer's claims cannot hold its messages back (they were held for the 60 s lease once).
 
-The random seed is printed with every failure; ``RM_KILL_SEED`` replays a run.
+The random seed is printed with every failure; ``RM_KILL_SEED`` replays a run, and ``RM_KILL_REPORT=<file>``
+appends each run's figures to that file as a JSON line.
 """
 
 from __future__ import annotations
@@ -165,6 +166,12 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
     run.repeats = sum(counts.values()) - len(counts)
     run.repeated_ids = sum(1 for c in counts.values() if c > 1)
     print(run.describe())
+    report = os.environ.get("RM_KILL_REPORT")  # figures over many runs: one JSON line per scenario run
+    if report:
+        with open(report, "a") as out:
+            out.write(json.dumps({"broker": url.split(":", 1)[0], "store": store.split(":", 1)[0], "seed": seed,
+                                  "kills": run.kill_counts, "lost": run.lost, "repeats": run.repeats,
+                                  "repeated_ids": run.repeated_ids, "drain": round(run.drain, 2)}) + "\n")
     return run
 
 
