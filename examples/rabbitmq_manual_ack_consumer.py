@@ -8,8 +8,9 @@
 - ``RabbitMQRetryMode.DELAYED``: a failed message is republished (with confirms) to
   ``<name>.retry.<n>`` with the retry delay as its TTL, then the original is acked; when the TTL
   expires the broker dead-letters it back to ``<name>``. The consumer keeps working meanwhile.
-  When attempts run out it sends ``basic.reject(requeue=False)`` and the broker dead-letters the
-  message to ``<name>.dlq``, adding an ``x-death`` header (queue, reason, count).
+  When attempts run out it publishes the message, with confirms, to ``<name>.dlx`` and from there
+  ``<name>.dlq``, with headers saying where it came from and why it failed (``x-rm-reason``,
+  ``x-rm-error-type``, ... the same as on Kafka's dead-letter topic), then acks the original.
 
 The demo publishes four orders (``order-2`` asks for one retry, ``poison`` always fails), handles
 them, reads the dead letter back, prints a summary and exits 1 if anything went otherwise. Run it:
@@ -99,9 +100,8 @@ def main() -> int:
 
     dead = read_dead_letters(queue, stats.dead_lettered)
     for letter in dead:
-        deaths = letter.headers.get("x-death")  # the broker's record: [{"queue": ..., "reason": ..., "count": ...}]
-        reason = deaths[0].get("reason") if isinstance(deaths, list) and deaths else None
-        print(f"dead letter {letter.body.decode()} in {letter.queue}: x-death reason {reason!r}")
+        reason = letter.headers.get("x-rm-reason")  # why it was dead-lettered (x-rm-error-type, ... too)
+        print(f"dead letter {letter.body.decode()} in {letter.queue}: {reason}")
     print(f"summary: handled={stats.processed} retried={stats.retried} dead-lettered={stats.dead_lettered} "
           f"acks={stats.extra['acks']} rejects={stats.extra['rejects']}"
           + (f" error={consumer.error}" if consumer.error else ""))

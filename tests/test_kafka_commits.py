@@ -92,6 +92,7 @@ def make(mode: CommitMode, handler: Any = None, **kwargs: Any) -> tuple[KafkaCon
     consumer._consumer.close()
     client = RecordingClient()
     consumer._consumer = client  # type: ignore[assignment]
+    consumer._commits.client = client
     consumer._on_assign(client, [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])  # type: ignore[arg-type]
     return consumer, client
 

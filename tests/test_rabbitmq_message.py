@@ -12,7 +12,7 @@ import pytest
 
 from reliable_messaging import InvalidMessage, Message, RabbitMQMessage
 from reliable_messaging._message import ATTEMPT_HEADER
-from reliable_messaging._rabbitmq._consumer import _copy_properties
+from reliable_messaging._rabbitmq._consumer_io import _copy_properties
 from reliable_messaging._rabbitmq._message import attempt_of, check_headers, check_short_string, message_from_delivery
 
 

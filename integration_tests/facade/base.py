@@ -165,6 +165,8 @@ class FacadeContract:
         assert letters[0]["body"] == b"poison"
         assert recorder.bodies().count(b"poison") == 1, "Reject must not retry"
         assert bad.message_id in json.dumps(letters[0]["headers"], default=str)
+        assert letters[0]["headers"]["x-rm-reason"] == "order 17 does not exist"
+        assert letters[0]["headers"]["x-rm-error-type"] == "reliable_messaging._errors.Reject"
 
     @pytest.mark.timeout(120)
     def test_failures_retry_then_dead_letter_when_attempts_run_out(
@@ -181,7 +183,14 @@ class FacadeContract:
         assert letters[0]["body"] == b"always fails"
         attempts = [m.attempt for m in recorder.seen if m.body == b"always fails"]
         assert attempts == [1, 2, 3]
-        assert "downstream said no" in json.dumps(letters[0]["headers"], default=str)
+        # The same headers on every broker (reliable_messaging._headers).
+        headers = letters[0]["headers"]
+        assert headers["x-rm-origin"] == unique_name
+        assert str(headers["x-rm-attempt"]) == "3"
+        assert headers["x-rm-error-type"] == "builtins.ValueError"
+        assert headers["x-rm-error-message"] == "downstream said no"
+        assert headers["x-rm-reason"] == "retries exhausted after 3 attempts: ValueError: downstream said no"
+        assert int(headers["x-rm-first-failure"]) <= int(time.time() * 1000)
         broker.publish(unique_name, b"next").result(timeout=30)
         wait_for(lambda: b"next" in recorder.bodies(), 30, "the consumer to keep running")
         assert consumer.stats.dead_lettered == 1

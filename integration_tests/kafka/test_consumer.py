@@ -81,7 +81,7 @@ def test_failed_message_goes_through_retry_topics_to_the_dlt_without_blocking(
     [dead] = read_all(bootstrap, f"{topic}.DLT")
     assert dead.value == b"poison" and dead.key == b"same-partition"
     assert dead.header("message-id") == ids[0], "the id survives retries and dead-lettering"
-    assert dead.header("x-rm-origin-topic") == topic
+    assert dead.header("x-rm-origin") == topic
     assert dead.header("x-rm-origin-partition") == "0"
     assert dead.header("x-rm-origin-offset") == "0"
     assert dead.header("x-rm-error-type") == "builtins.ValueError"

@@ -95,10 +95,15 @@ def test_poison_message_reaches_the_dlq_after_exactly_n_attempts_and_the_consume
     assert attempts == [(1, None), (2, "2"), (3, "3")], "exactly max_attempts attempts, counted 1..N"
     (dead,) = admin.drain(f"{queue_name}.dlq")
     assert dead.body == b"poison" and dead.message_id == "p"
-    rejected = [d for d in dead.headers["x-death"] if d["queue"] == queue_name]
-    assert [(d["reason"], d["count"]) for d in rejected] == [("rejected", 1)]
-    assert dead.headers["x-rm-error"].startswith("ValueError: cannot digest this")
+    # The dead letter is the library's confirmed copy, with the same headers as on Kafka's DLT.
+    assert dead.headers["x-rm-origin"] == queue_name
+    assert dead.headers["x-rm-attempt"] == 3
+    assert dead.headers["x-rm-error-type"] == "builtins.ValueError"
+    assert dead.headers["x-rm-error-message"] == "cannot digest this"
+    assert dead.headers["x-rm-reason"].startswith("retries exhausted after 3 attempts: ValueError")
+    assert int(dead.headers["x-rm-first-failure"]) > 1_700_000_000_000
     assert consumer.stats.dead_lettered == 1 and consumer.stats.retried == 2
+    assert consumer.stats.extra["dead_letter_copies"] == 1 and consumer.stats.extra["rejects"] == 0
     assert admin.count(queue_name) == 0
 
 
@@ -154,9 +159,10 @@ def test_quorum_requeue_counts_attempts_from_x_delivery_count_and_rejects_when_e
         admin.publish(queue_name, queue_name, [b"poison"], message_ids=["p"])
         wait_for(lambda: admin.count(f"{queue_name}.dlq") == 1, 30, "the poison message in the DLQ")
     assert attempts == [1, 2, 3]
-    assert consumer.stats.extra["requeues"] == 2 and consumer.stats.extra["rejects"] == 1
+    assert consumer.stats.extra["requeues"] == 2 and consumer.stats.extra["dead_letter_copies"] == 1
     (dead,) = admin.drain(f"{queue_name}.dlq")
-    assert dead.headers["x-death"][0]["reason"] == "rejected"
+    assert dead.headers["x-rm-reason"].startswith("retries exhausted after 3 attempts: RuntimeError")
+    assert dead.headers["x-rm-error-type"] == "builtins.RuntimeError"
 
 
 @pytest.mark.timeout(60)
@@ -184,6 +190,27 @@ def test_reject_and_undecodable_messages_are_dead_lettered_at_once(
     assert sorted(g.message_id or "" for g in admin.drain(f"{queue_name}.dlq")) == ["bad", "rej"]
     assert consumer.stats.undecodable == 1 and consumer.stats.dead_lettered == 2
     assert consumer.stats.extra["retry_copies"] == 0, "no retry for what no retry can fix"
+
+
+@pytest.mark.timeout(60)
+def test_a_queue_declared_elsewhere_is_dead_lettered_by_the_broker_with_x_death(
+    rabbitmq_endpoint: RabbitMQEndpoint, admin: Admin, queue_name: str, connection_name: str
+) -> None:
+    """Without the queue's topology the consumer does not know its dead-letter exchange: it rejects, and the
+    broker dead-letters the message (``x-death``, no library headers)."""
+    admin.declare(RabbitMQTopology.work_queue(queue_name))
+    admin.cleanup(queues=_retry_queues(queue_name, 5))
+
+    def handler(message: RabbitMQMessage) -> None:
+        raise Reject("not for us")
+
+    consumer = RabbitMQConsumer(_config(rabbitmq_endpoint.url, connection_name), queue_name, handler)
+    with consumer:
+        admin.publish(queue_name, queue_name, [b"x"], message_ids=["x"])
+        wait_for(lambda: admin.count(f"{queue_name}.dlq") == 1, 20, "the message in the DLQ")
+    (dead,) = admin.drain(f"{queue_name}.dlq")
+    assert dead.headers["x-death"][0]["reason"] == "rejected" and "x-rm-reason" not in dead.headers
+    assert consumer.stats.extra["rejects"] == 1 and consumer.stats.extra["dead_letter_copies"] == 0
 
 
 @pytest.mark.timeout(60)

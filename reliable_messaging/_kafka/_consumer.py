@@ -44,42 +44,32 @@ import logging
 import threading
 import time
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as RawMessage
 
+from .. import _headers as h
 from .._dedup._base import DedupStore
 from .._errors import (
     BrokerUnavailable,
     ClosedError,
     ConfigurationError,
-    DeliveryError,
     HandlerAborted,
-    InvalidMessage,
     ReliableMessagingError,
 )
 from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
 from .._log import limit_repeats
-from .._message import ATTEMPT_HEADER, DEFERRALS_HEADER, MESSAGE_ID_HEADER
+from .._message import MESSAGE_ID_HEADER, header_count
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
-from ._config import CommitMode, KafkaConsumerConfig, KafkaProducerConfig
+from ._commits import Commits
+from ._config import CommitMode, KafkaConsumerConfig
 from ._errors import kafka_error_of, operation_error
-from ._message import (
-    DUE_HEADER,
-    ERROR_MESSAGE_HEADER,
-    ERROR_TYPE_HEADER,
-    FIRST_FAILURE_HEADER,
-    ORIGIN_OFFSET_HEADER,
-    ORIGIN_PARTITION_HEADER,
-    ORIGIN_TOPIC_HEADER,
-    REASON_HEADER,
-    KafkaMessage,
-    new_kafka_message,
-)
-from ._offsets import OffsetTracker, TopicPartitionKey
+from ._message import KafkaMessage, new_kafka_message
+from ._offsets import TopicPartitionKey
 from ._producer import KafkaProducer
+from ._republish import Republisher
 from ._topology import TopicNames, create_topics, partition_counts
 
 __all__ = ["KafkaConsumer"]
@@ -94,19 +84,6 @@ _DUE_TOLERANCE_MS = 5
 
 _REPUBLISH_BACKOFF = 1.0
 """Seconds a partition stays paused after its record could not be republished (retry/DLT publish failed)."""
-
-_MAX_ERROR_TEXT = 4096
-"""Characters of an error message kept in the dead-letter headers."""
-
-_OWN_HEADERS = frozenset({
-    MESSAGE_ID_HEADER, ATTEMPT_HEADER, DUE_HEADER, ERROR_TYPE_HEADER, ERROR_MESSAGE_HEADER, REASON_HEADER,
-    DEFERRALS_HEADER,
-})
-"""Headers rewritten on every republish (the origin and first-failure headers are kept once set)."""
-
-_COMMIT_RETRY = RetryPolicy(max_attempts=4, initial_delay=0.2, max_delay=2.0, jitter=0.1)
-"""Synchronous commits retried on transient errors (coordinator moving, request timed out): a few
-seconds in all, the time a coordinator failover takes."""
 
 _SEEK_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.05, max_delay=0.5, jitter=0.0)
 """seek() right after a rebalance can fail with _STATE until librdkafka starts fetching the partition."""
@@ -200,7 +177,7 @@ class KafkaConsumer:
             handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=dedup_key, loop=loop,
         )
         self._decoding = decoder is not None
-        self._runner.stats.extra.update({"commits": 0, "commit_failures": 0, "deferred": 0, "republish_failures": 0})
+        self._runner.stats.extra.update({"deferred": 0, "republish_failures": 0})
         self._dedup = dedup is not None
         self._levels = max(1, retry.max_attempts - 1)
         self._topics = names
@@ -212,41 +189,23 @@ class KafkaConsumer:
         self._subscription = list(self._origin)
 
         conf = config.librdkafka()
-        conf["on_commit"] = self._on_commit
+        conf["on_commit"] = self._on_commit_cb
         conf["error_cb"] = self._on_client_error
         conf["logger"] = limit_repeats(logging.getLogger("reliable_messaging.kafka.librdkafka"))
         try:
             self._consumer = Consumer(conf)
         except KafkaException as exc:
             raise ConfigurationError(f"librdkafka refused the consumer configuration: {exc}") from exc
+        self._commits = Commits(config, self._consumer, self._runner.stats.extra)
         self._fetch = config.fetch_batch
-        self._commit_every = config.commit_every
-        # MANUAL_BATCH: the next asynchronous commit goes out once the previous one was answered and this
-        # many records were processed since. It used to be every commit_every / 2: then a commit round
-        # trip (~6 ms against Kafka 4, whose group coordinator lingers up to 5 ms before writing) had to
-        # fit in half the bound, and at ~300 000 records/s it did not: every 5 000 records ended in a
-        # synchronous commit, a third of the consumer's time. Several commits in flight measured slower:
-        # the coordinator answers a group's commits one after another, so the sync commit waited behind them.
-        self._step = max(1, config.commit_every // 4)
-        self._bounded = self._mode is CommitMode.MANUAL_BATCH
-        if self._mode is CommitMode.MANUAL_BATCH:
-            # Return to consume() (which serves commit callbacks) at least every commit step.
-            self._fetch = min(self._fetch, self._step)
-
-        self._producer: KafkaProducer | None = producer
-        self._own_producer = producer is None
-        self._tracker = OffsetTracker()
-        self._received = self._tracker.received
-        self._processed = self._tracker.processed
+        if self._commits.batched:  # back in consume() (which serves commit callbacks) at least every commit step
+            self._fetch = min(self._fetch, self._commits.step)
+        self._republisher = Republisher(config, self._names, self._levels, producer)
+        self._received = self._commits.tracker.received
         self._paused: dict[TopicPartitionKey, float] = {}
         self._assigned: set[TopicPartitionKey] = set()
         self._rebalanced = False
         self._assigned_lock = threading.Lock()
-        # MANUAL_BATCH bookkeeping (see _before_record/_after_record).
-        self._since_commit = 0
-        self._in_flight: dict[TopicPartitionKey, int] | None = None
-        self._in_flight_count = 0
-        self._last_commit = time.monotonic()
         self._skip: set[TopicPartitionKey] = set()  # partitions rewound during the current batch
 
         self._stop = threading.Event()
@@ -361,8 +320,8 @@ class KafkaConsumer:
             stop = self._stop
             while not stop.is_set():
                 timeout = self._resume_due()
-                if self._mode is CommitMode.MANUAL_BATCH:
-                    self._commit_on_time()
+                if self._commits.batched:
+                    self._commits.on_time()
                 # consume(n, timeout) waits until it has n records or the timeout passed: take what
                 # is there, and block only for the first record of an idle stream.
                 records = consume(self._fetch, 0)
@@ -455,8 +414,8 @@ class KafkaConsumer:
         origin = self._origin.get(topic, topic)
         attempt = 1
         if origin != topic:  # a retry topic
-            attempt = _int_header(headers, ATTEMPT_HEADER, 1)
-            due = _int_header(headers, DUE_HEADER, 0)
+            attempt = max(1, header_count(headers.get(h.ATTEMPT)))
+            due = header_count(headers.get(h.DUE))
             if due - time.time() * 1000 > _DUE_TOLERANCE_MS:
                 self._defer(tp, offset, due / 1000 - time.time(), "not due yet")
                 return None
@@ -477,8 +436,7 @@ class KafkaConsumer:
 
     def _handle(self, tp: TopicPartitionKey, offset: int, message: KafkaMessage, outcome: Outcome | None) -> bool:
         """Process one record; False if its partition was rewound to it (it will be read again)."""
-        if self._bounded and self._in_flight_count + self._since_commit >= self._commit_every:
-            self._bound_uncommitted()
+        self._commits.before()
         if outcome is None:
             outcome = self._runner.invoke(message)
             if outcome.disposition is Disposition.RETRY and not self._retry_topics:
@@ -486,17 +444,11 @@ class KafkaConsumer:
                 if outcome is None:
                     self._defer(tp, offset, 0.0, "stopping during an in-place retry")
                     return False
-        if outcome.disposition is not Disposition.ACK and not self._settle(message, outcome):
+        if outcome.disposition is not Disposition.ACK and not self._republisher.settle(message, outcome):
             self.stats.extra["republish_failures"] += 1
             self._defer(tp, offset, _REPUBLISH_BACKOFF, "its retry/dead-letter publish failed")
             return False
-        self._processed(tp, offset)
-        if self._bounded:  # MANUAL_BATCH, inlined: the common case
-            self._since_commit += 1
-            if self._in_flight is None and self._since_commit >= self._step:
-                self._commit_async()
-        else:
-            self._after_record(tp)
+        self._commits.processed(tp, offset)
         return True
 
     def _retry_in_place(self, message: KafkaMessage, outcome: Outcome) -> tuple[Outcome | None, KafkaMessage]:
@@ -513,60 +465,12 @@ class KafkaConsumer:
                     return None, message
             attempt = message.attempt + 1 if outcome.counts_attempt else message.attempt
             headers = dict(message.headers)
-            headers.setdefault(FIRST_FAILURE_HEADER, str(first_failure).encode())
+            headers.setdefault(h.FIRST_FAILURE, str(first_failure).encode())
             message = dataclasses.replace(message, attempt=attempt, redelivered=True, headers=headers)
             outcome = self._runner.invoke(message)
         return outcome, message
 
-    # -- outcomes -------------------------------------------------------------------------------
-
-    def _settle(self, message: KafkaMessage, outcome: Outcome) -> bool:
-        """Republish a failed record to its retry or dead-letter topic; True once the broker has it."""
-        now_ms = int(time.time() * 1000)
-        out = {k: v for k, v in message.headers.items() if k not in _OWN_HEADERS}
-        out.setdefault(ORIGIN_TOPIC_HEADER, message.source)
-        out.setdefault(ORIGIN_PARTITION_HEADER, str(message.partition))
-        out.setdefault(ORIGIN_OFFSET_HEADER, str(message.offset))
-        out.setdefault(FIRST_FAILURE_HEADER, str(now_ms))
-        out[REASON_HEADER] = outcome.reason[:_MAX_ERROR_TEXT]
-        if outcome.error is not None:
-            error_type = type(outcome.error)
-            out[ERROR_TYPE_HEADER] = f"{error_type.__module__}.{error_type.__qualname__}"
-            out[ERROR_MESSAGE_HEADER] = str(outcome.error)[:_MAX_ERROR_TEXT]
-        if outcome.disposition is Disposition.RETRY:
-            attempt = message.attempt + 1 if outcome.counts_attempt else message.attempt
-            if not outcome.counts_attempt:  # handed back unrun: the next hand-back waits longer
-                out[DEFERRALS_HEADER] = str(_int_header(message.headers, DEFERRALS_HEADER, 0) + 1)
-            level = min(max(attempt - 1, 1), self._levels)
-            topic = self._names.retry(message.source, level)
-            out[ATTEMPT_HEADER] = str(attempt)
-            out[DUE_HEADER] = str(now_ms + round(outcome.delay * 1000))
-        else:
-            topic = self._names.dead_letter(message.source)
-            out[ATTEMPT_HEADER] = str(message.attempt)
-        return self._republish(topic, message, out)
-
-    def _republish(self, topic: str, message: KafkaMessage, headers: dict[str, Any]) -> bool:
-        producer = self._producer
-        if producer is None:
-            producer = self._producer = KafkaProducer(KafkaProducerConfig(
-                bootstrap_servers=self.config.bootstrap_servers,
-                client_id=f"{self.config.client_id}-republisher",
-                linger=0.0,
-                delivery_timeout=30.0,
-                extra={k: v for k, v in self.config.extra.items() if k.startswith(_PRODUCER_SECURITY_PREFIXES)},
-            ))
-        try:
-            future = producer.publish(topic, message.body, key=message.key, headers=headers,
-                                      message_id=message.message_id)
-            future.result(timeout=producer.config.delivery_timeout + 10.0)
-        except (DeliveryError, InvalidMessage, ClosedError, TimeoutError) as exc:
-            logger.warning("could not publish message %s to %s (%s: %s); %s[%d]@%d will be read again",
-                           message.message_id, topic, type(exc).__name__, exc, message.topic, message.partition,
-                           message.offset)
-            logger.debug("republish failure", exc_info=exc)
-            return False
-        return True
+    # -- deferring a partition ------------------------------------------------------------------
 
     def _defer(self, tp: TopicPartitionKey, offset: int, seconds: float, why: str) -> None:
         """Pause ``tp``, seek back to ``offset`` and resume after ``seconds``.
@@ -574,7 +478,7 @@ class KafkaConsumer:
         The broker keeps the record; librdkafka drops what it already fetched
         after it. Nothing from ``offset`` on counts as processed.
         """
-        self._tracker.rewind(tp, offset)
+        self._commits.tracker.rewind(tp, offset)
         self.stats.extra["deferred"] += 1
         target = TopicPartition(tp[0], tp[1], offset)
         self._consumer.pause([TopicPartition(tp[0], tp[1])])
@@ -611,134 +515,16 @@ class KafkaConsumer:
             return _POLL_TIMEOUT
         return max(0.0, min(_POLL_TIMEOUT, min(self._paused.values()) - now))
 
-    # -- commits --------------------------------------------------------------------------------
+    def _on_commit_cb(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        self._commits.on_commit(err, partitions)
 
-    def _after_record(self, tp: TopicPartitionKey) -> None:
-        """Commit or store after a record, per mode (MANUAL_BATCH is inlined in _handle)."""
-        mode = self._mode
-        if mode is CommitMode.MANUAL:
-            self._commit_sync([tp], "after the record")
-        elif mode is CommitMode.STORE_OFFSETS:
-            position = self._tracker.position(tp)
-            if position is not None:
-                try:
-                    self._consumer.store_offsets(offsets=[TopicPartition(tp[0], tp[1], position)])
-                except KafkaException as exc:  # the partition was revoked meanwhile: its new owner reads it
-                    logger.warning("could not store offset %d for %s[%d]: %s", position, tp[0], tp[1], exc)
-                    logger.debug("store_offsets failure", exc_info=exc)
-        # AUTO: librdkafka stored the offset when it handed the record out.
-
-    def _bound_uncommitted(self) -> None:
-        """MANUAL_BATCH: never hold more than ``commit_every`` processed records without an acknowledged commit.
-
-        Commits go out asynchronously, one at a time, once a quarter
-        ``commit_every`` was processed since the last; if the one in flight is
-        still unanswered (or failed) when the next record would exceed the
-        bound, commit synchronously before processing it.
-        """
-        self._commit_sync(None, "the asynchronous commit is still unanswered")
-
-    def _commit_on_time(self) -> None:
-        if self._since_commit and self._in_flight is None and \
-                time.monotonic() - self._last_commit >= self.config.commit_interval:
-            self._commit_async()
-
-    def _commit_async(self) -> None:
-        positions = self._tracker.uncommitted()
-        self._last_commit = time.monotonic()
-        if not positions:
-            self._since_commit = 0
-            return
-        try:
-            self._consumer.commit(offsets=_offsets(positions), asynchronous=True)
-        except KafkaException as exc:
-            self.stats.extra["commit_failures"] += 1
-            logger.warning("asynchronous commit refused: %s", exc)
-            logger.debug("commit failure", exc_info=exc)
-            return
-        self._in_flight = positions
-        self._in_flight_count = self._since_commit
-        self._since_commit = 0
-
-    def _commit_sync(self, tps: Iterable[TopicPartitionKey] | None, why: str) -> bool:
-        """Commit the processed prefix of ``tps`` (all partitions if None) and wait for the broker."""
-        if self._mode is CommitMode.AUTO:
-            return self._commit_stored(why)
-        positions = self._tracker.uncommitted(tps)
-        if not positions:
-            if tps is None:
-                self._reset_batch_counters()
-            return True
-        try:
-            for attempt in _COMMIT_RETRY.retrying(retry_on=(BrokerUnavailable,), what="commit"):
-                with attempt:
-                    self._commit_offsets(positions)
-        except ReliableMessagingError as exc:
-            self.stats.extra["commit_failures"] += 1
-            logger.warning("commit (%s) failed: %s; those records may be processed again", why, exc)
-            logger.debug("commit failure", exc_info=exc)
-            return False
-        self._tracker.committed(positions)
-        self.stats.extra["commits"] += 1
-        if tps is None:
-            self._reset_batch_counters()
-        return True
-
-    def _commit_offsets(self, positions: dict[TopicPartitionKey, int]) -> None:
-        try:
-            results = self._consumer.commit(offsets=_offsets(positions), asynchronous=False)
-        except KafkaException as exc:
-            raise operation_error("commit", exc) from exc
-        failed = [r for r in results or () if r.error is not None]
-        if failed:
-            refused = KafkaException(failed[0].error)
-            raise operation_error(f"commit of {failed[0].topic}[{failed[0].partition}]", refused) from refused
-
-    def _commit_stored(self, why: str) -> bool:
-        try:
-            self._consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            err = kafka_error_of(exc)
-            if err is not None and err.code() == KafkaError._NO_OFFSET:
-                return True  # nothing stored since the last commit
-            logger.warning("commit of stored offsets (%s) failed: %s", why, exc)
-            logger.debug("commit failure", exc_info=exc)
-            return False
-        return True
-
-    def _reset_batch_counters(self) -> None:
-        self._since_commit = 0
-        self._in_flight = None
-        self._in_flight_count = 0
-        self._last_commit = time.monotonic()
-
-    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """librdkafka's commit callback (served inside consume()): settles the in-flight async commit."""
-        in_flight = self._in_flight
-        if err is not None:
-            if err.code() != KafkaError._NO_OFFSET:
-                self.stats.extra["commit_failures"] += 1
-                logger.warning("commit failed: %s: %s", err.name(), err.str())
-            if in_flight is not None:
-                # Its records are still uncommitted: count them toward the next commit.
-                self._since_commit += self._in_flight_count
-                self._in_flight = None
-                self._in_flight_count = 0
-            return
-        if in_flight is None:
-            return
-        acked = {(p.topic, p.partition): p.offset for p in partitions if p.error is None}
-        if all(acked.get(tp, -1) >= position for tp, position in in_flight.items()):
-            self._tracker.committed(in_flight)
-            self.stats.extra["commits"] += 1
-            self._in_flight = None
-            self._in_flight_count = 0
+    _on_commit = _on_commit_cb  # the name the tests drive
 
     # -- rebalancing ----------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
-        self._tracker.forget(tps)
+        self._commits.forget(tps)
         for tp in tps:
             self._paused.pop(tp, None)
         with self._assigned_lock:
@@ -749,7 +535,7 @@ class KafkaConsumer:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions are taken away: commit what was processed before the new owner starts reading."""
         tps = [(p.topic, p.partition) for p in partitions]
-        self._commit_sync(None, "partitions revoked")
+        self._commits.commit_sync(None, "partitions revoked")
         self._drop(tps)
         logger.info("consumer %s revoked %s", self.config.group_id, _describe(tps))
 
@@ -761,12 +547,9 @@ class KafkaConsumer:
                        "processed again by their new owner", self.config.group_id, _describe(tps))
 
     def _drop(self, tps: list[TopicPartitionKey]) -> None:
-        self._tracker.forget(tps)
+        self._commits.forget(tps)
         for tp in tps:
             self._paused.pop(tp, None)
-        if self._in_flight is not None:
-            for tp in tps:
-                self._in_flight.pop(tp, None)
         with self._assigned_lock:
             self._assigned.difference_update(tps)
         self._rebalanced = True
@@ -791,14 +574,13 @@ class KafkaConsumer:
         self._closed = True
         try:
             if self._running:
-                self._commit_sync(None, "closing")
+                self._commits.commit_sync(None, "closing")
             self._consumer.close()  # leaves the group; librdkafka runs on_revoke (nothing left to commit)
         except KafkaException as exc:
             logger.warning("closing consumer %s: %s", self.config.group_id, exc)
             logger.debug("close failure", exc_info=exc)
         finally:
-            if self._own_producer and self._producer is not None:
-                self._producer.close()
+            self._republisher.close()
             self._runner.close()
             self._finished.set()
             logger.info("consumer %s closed (%s)", self.config.group_id, self.stats)
@@ -807,21 +589,6 @@ class KafkaConsumer:
         state = "running" if self.running else ("closed" if self._closed else "new")
         return (f"<KafkaConsumer group={self.config.group_id!r} topics={list(self._topics)!r} "
                 f"mode={self._mode.value} {state}>")
-
-
-def _offsets(positions: Mapping[TopicPartitionKey, int]) -> list[TopicPartition]:
-    return [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
-
-
-def _int_header(headers: Mapping[str, Any], name: str, default: int) -> int:
-    value = headers.get(name)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        logger.warning("ignoring malformed %s header %r", name, value)
-        return default
 
 
 def _describe(tps: Sequence[TopicPartitionKey]) -> str:

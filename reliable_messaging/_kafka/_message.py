@@ -1,20 +1,8 @@
-"""Messages as a Kafka consumer hands them to handlers, and the headers the library adds.
+"""Messages as a Kafka consumer hands them to handlers.
 
-Headers on retried and dead-lettered messages (values are UTF-8 text):
-
-==========================  ==============================================================
-``message-id``              the producer's id, kept unchanged through retries and the DLT
-``x-rm-attempt``            retry topics: the attempt the message is waiting for (2, 3, ...);
-                            DLT: the number of attempts made
-``x-rm-origin-topic``       where the message was first published
-``x-rm-origin-partition``   ... its partition there
-``x-rm-origin-offset``      ... and its offset there
-``x-rm-first-failure``      when the first attempt failed, milliseconds since the epoch
-``x-rm-error-type``         the exception class of the last failure (``module.QualName``)
-``x-rm-error-message``      its message (at most 4 KiB)
-``x-rm-reason``             why it was retried or dead-lettered
-``x-rm-due``                retry topics only: not to be processed before this time (ms since the epoch)
-==========================  ==============================================================
+The headers the library writes on retried and dead-lettered records are the same on every broker:
+see :mod:`reliable_messaging._headers` (``x-rm-origin``, ``x-rm-attempt``, ``x-rm-reason``, ...; on
+Kafka also ``x-rm-origin-partition``, ``x-rm-origin-offset`` and, on retry topics, ``x-rm-due``).
 """
 
 from __future__ import annotations
@@ -26,26 +14,9 @@ from typing import Any
 from .._message import HeaderValue, Message
 
 __all__ = [
-    "DUE_HEADER",
-    "ERROR_MESSAGE_HEADER",
-    "ERROR_TYPE_HEADER",
-    "FIRST_FAILURE_HEADER",
-    "ORIGIN_OFFSET_HEADER",
-    "ORIGIN_PARTITION_HEADER",
-    "ORIGIN_TOPIC_HEADER",
-    "REASON_HEADER",
     "KafkaMessage",
     "new_kafka_message",
 ]
-
-ORIGIN_TOPIC_HEADER = "x-rm-origin-topic"
-ORIGIN_PARTITION_HEADER = "x-rm-origin-partition"
-ORIGIN_OFFSET_HEADER = "x-rm-origin-offset"
-FIRST_FAILURE_HEADER = "x-rm-first-failure"
-ERROR_TYPE_HEADER = "x-rm-error-type"
-ERROR_MESSAGE_HEADER = "x-rm-error-message"
-REASON_HEADER = "x-rm-reason"
-DUE_HEADER = "x-rm-due"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""The RabbitMQ consumer: manual or automatic acks, retry through requeue or TTL queues, dead-lettering.
+"""The RabbitMQ consumer: manual or automatic acks, retry through TTL queues or requeue, dead letters.
 
 What the broker does, and what the consumer does about it:
 
@@ -15,26 +15,24 @@ What the broker does, and what the consumer does about it:
   ``DELAYED`` republishes a copy to ``<queue>.retry.<attempt>`` (per-message
   ``expiration`` = the policy's delay; the queue dead-letters it back to ``<queue>`` when it
   expires), waits for the broker's confirm of the copy, then acks the original;
-  ``REQUEUE`` sends ``basic.nack(requeue=True)`` after the delay. When attempts run out (or the
-  handler raised :class:`~reliable_messaging.Reject`, or the body could not be decoded) the
-  consumer sends ``basic.reject(requeue=False)``: the broker dead-letters the message to the
-  queue's ``x-dead-letter-exchange`` with an ``x-death`` entry (reason ``rejected``). A quorum
-  queue's ``x-delivery-limit`` dead-letters on the broker's own count (reason ``delivery_limit``).
+  ``REQUEUE`` sends ``basic.nack(requeue=True)`` after the delay.
+- **Dead letters.** When attempts run out (or the handler raised
+  :class:`~reliable_messaging.Reject`, or the body could not be decoded) a copy carrying the
+  library's headers (:mod:`.._headers`) goes to the queue's dead-letter exchange, and the original
+  is acked once the broker confirmed the copy (see :mod:`._consumer_io`). A quorum queue's
+  ``x-delivery-limit`` dead-letters on the broker's own count (``x-death`` reason ``delivery_limit``).
 - **Attempts** are counted from ``x-rm-attempt``, ``x-delivery-count`` and ``x-death``; see
   :mod:`reliable_messaging._rabbitmq._message`. On a quorum queue, every return of an
   unacknowledged message counts, including those caused by stopping or losing a consumer.
-- **consumer_timeout.** The seed's claim that RabbitMQ has no acknowledgement timeout is not
-  true of current versions: since 3.8.15 the broker closes the *channel* with
-  ``406 PRECONDITION_FAILED - delivery acknowledgement on channel N timed out`` when a
-  delivery stays unacknowledged longer than ``consumer_timeout`` (default 30 minutes; in 3.10
-  a node-wide setting only: the per-queue ``x-consumer-timeout`` argument came in 3.12). The
-  broker checks it on the channel's periodic tick (``channel_tick_interval``, 60 s by
-  default), so the channel closes between ``consumer_timeout`` and ``consumer_timeout + 60 s``.
-  Every unacknowledged message on that channel returns to the queue. This consumer treats it
-  like a lost connection: it reconnects, drops the stale acknowledgement of the slow message
-  (its delivery tag belonged to the closed channel) and gets the message again with
-  ``redelivered=True``. Handlers that may run longer than ``consumer_timeout`` need a larger
-  setting on the broker.
+- **consumer_timeout.** RabbitMQ does have an acknowledgement timeout (the seed documents say it
+  has none): since 3.8.15 the broker closes the *channel* with ``406 PRECONDITION_FAILED -
+  delivery acknowledgement on channel N timed out`` when a delivery stays unacknowledged longer
+  than ``consumer_timeout`` (default 30 minutes; in 3.10 a node-wide setting only: the per-queue
+  ``x-consumer-timeout`` argument came in 3.12), checked on the channel's periodic tick (60 s by
+  default). Every unacknowledged message on that channel returns to the queue. This consumer
+  treats it like a lost connection: it reconnects, drops the stale acknowledgement of the slow
+  message and gets the message again with ``redelivered=True``. Handlers that may run longer than
+  ``consumer_timeout`` need a larger setting on the broker.
 - **Dedup.** With a dedup store, the worker takes every delivery already waiting (up to
   ``prefetch``), claims their message ids at once, then handles them in order; a handled
   message's done record is stored (safe from a crash of this process) before its ack is
@@ -52,14 +50,14 @@ What the broker does, and what the consumer does about it:
 - **Cancellation.** When the queue is deleted the broker sends ``basic.cancel``; the consumer
   stops and :meth:`RabbitMQConsumer.run` raises :class:`~reliable_messaging.ConsumerCancelled`.
 
-Threads: an I/O thread owns the connection (heartbeats keep flowing while a handler runs);
-one worker thread runs the handler on one message (or batch) at a time, in delivery order.
+Threads: an I/O thread owns the connection (:mod:`._consumer_io`; heartbeats keep flowing while a
+handler runs); one worker thread runs the handler on one message (or batch) at a time, in delivery
+order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import queue as queue_module
 import threading
@@ -69,35 +67,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
-import pika.channel
-import pika.frame
-import pika.spec
 
 from .._dedup._base import DedupStore
-from .._errors import ClosedError, ConfigurationError, ConsumerCancelled, HandlerAborted, ReliableMessagingError
-from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
+from .._errors import ClosedError, ConfigurationError, HandlerAborted, ReliableMessagingError
+from .._handling import ConsumerStats, HandlerRunner, Outcome
 from .._log import limit_repeats
-from .._message import ATTEMPT_HEADER, DEFERRALS_HEADER, Message, header_count
+from .._message import Message
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
-from ._config import RabbitMQAckMode, RabbitMQConsumerConfig, RabbitMQRetryMode, connection_parameters
-from ._connection import IOThread
-from ._errors import map_pika_error
-from ._message import BROKER_HEADERS, RabbitMQMessage, message_from_delivery
-from ._topology import RabbitMQQueueType, RabbitMQTopology, _check_name, retry_queue_name
+from ._config import RabbitMQAckMode, RabbitMQConsumerConfig, RabbitMQRetryMode
+from ._consumer_io import CLOSE_GRACE, ConsumerIO, Delivery
+from ._message import RabbitMQMessage, message_from_delivery
+from ._topology import RabbitMQQueueType, RabbitMQTopology, _check_name
 
 __all__ = ["RabbitMQConsumer"]
 
 logger = limit_repeats(logging.getLogger("reliable_messaging.rabbitmq.consumer"))
-
-ERROR_HEADER = "x-rm-error"
-"""Set on a retried copy: why the previous attempt failed (truncated), for whoever inspects the queue."""
-
-CLOSE_GRACE = 5.0
-"""Seconds stop() waits for the broker to confirm retry copies before closing (unconfirmed ones'
-originals are redelivered, so a copy and its original may both arrive: deduplicate on message id)."""
-
-_Delivery = tuple[int, pika.spec.Basic.Deliver, pika.BasicProperties, bytes]
-_Result = tuple[int, Outcome, tuple[RabbitMQMessage, ...], tuple[pika.BasicProperties, ...]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,336 +89,6 @@ class _Batch(Message):
     """Carries a batch through the shared HandlerRunner (attempt = the highest of its messages)."""
 
     messages: tuple[RabbitMQMessage, ...] = field(default=())
-
-
-class _Engine(IOThread):
-    """The consumer's I/O thread: channels, consuming, acks, retry copies."""
-
-    role = "RabbitMQ consumer"
-
-    def __init__(self, owner: RabbitMQConsumer) -> None:
-        config = owner.config
-        params = connection_parameters(config.url, connection_name=config.connection_name,
-                                       heartbeat=config.heartbeat, connect_timeout=config.connect_timeout,
-                                       role=f"consumer of {owner.queue}")
-        super().__init__(params=params, reconnect=config.reconnect, name=f"rm-rabbitmq-consumer-{owner.queue}")
-        self.owner = owner
-        self.queue = owner.queue
-        self.config = config
-        self.auto_ack = config.ack_mode is RabbitMQAckMode.AUTO
-        self.delayed = owner.retry_mode is RabbitMQRetryMode.DELAYED and not self.auto_ack
-        topology = owner.topology or RabbitMQTopology()
-        if self.delayed:
-            topology = topology + RabbitMQTopology.retry_queues(owner.queue, owner.retry.max_attempts)
-        self.topology = topology
-        self.max_retry_tier = max(1, owner.retry.max_attempts - 1)
-        self.stats: dict[str, int] = owner.runner.stats.extra
-        for key in ("acks", "multiple_acks", "rejects", "requeues", "retry_copies", "retry_copy_failures",
-                    "stale_results", "channel_failures", "connections"):
-            self.stats.setdefault(key, 0)
-        # shared with the worker
-        self.deliveries: queue_module.SimpleQueue[_Delivery | None] = queue_module.SimpleQueue()
-        self.results: collections.deque[_Result] = collections.deque()
-        self.generation = 0
-        # I/O thread only
-        self._channel: pika.channel.Channel | None = None
-        self._retry_channel: pika.channel.Channel | None = None
-        self._connection_ready = False
-        self._consumer_tag: str | None = None
-        self._delivered: collections.deque[int] = collections.deque()
-        self._settled: set[int] = set()
-        self._ack_ready: set[int] = set()
-        self._retry_inflight: dict[int, tuple[int, int, str]] = {}
-        self._retry_order: collections.deque[int] = collections.deque()
-        self._retry_returned: set[int] = set()
-        self._retry_tag = 0
-        self._delayed_nacks: dict[int, tuple[int, object]] = {}
-        self._close_deadline: float | None = None
-
-    # -- setup ------------------------------------------------------------------------------------------
-
-    def on_connection_open(self, connection: pika.SelectConnection) -> None:
-        self._connection_ready = False
-        connection.channel(on_open_callback=self._on_channel_open)
-
-    def _on_channel_open(self, channel: pika.channel.Channel) -> None:
-        self.generation += 1
-        self._channel = channel
-        self._delivered.clear()
-        self._settled.clear()
-        self._ack_ready.clear()
-        channel.add_on_close_callback(self._on_channel_closed)
-        channel.add_on_cancel_callback(self._on_cancelled)
-        self._declare(channel, self.topology.steps(), 0)
-
-    def _declare(self, channel: Any, steps: list[Any], index: int) -> None:
-        if not channel.is_open or channel is not self._channel:
-            return
-        if index < len(steps):
-            _kind, _name, start = steps[index]
-            start(channel, lambda _frame: self._declare(channel, steps, index + 1))
-        elif self.delayed:
-            connection = self.connection
-            if connection is not None and connection.is_open:
-                connection.channel(on_open_callback=self._on_retry_channel_open)
-        else:
-            self._qos()
-
-    def _on_retry_channel_open(self, channel: pika.channel.Channel) -> None:
-        self._retry_channel = channel
-        self._retry_inflight.clear()
-        self._retry_order.clear()
-        self._retry_returned.clear()
-        self._retry_tag = 0
-        channel.add_on_close_callback(self._on_channel_closed)
-        channel.add_on_return_callback(self._on_retry_return)
-        channel.confirm_delivery(ack_nack_callback=self._on_retry_confirm, callback=lambda _frame: self._qos())
-
-    def _qos(self) -> None:
-        channel = self._channel
-        if channel is None or not channel.is_open:
-            return
-        if self.auto_ack:
-            self._consume()
-        else:
-            channel.basic_qos(prefetch_count=self.config.prefetch, callback=lambda _frame: self._consume())
-
-    def _consume(self) -> None:
-        channel = self._channel
-        if channel is None or not channel.is_open:
-            return
-        self._consumer_tag = channel.basic_consume(
-            self.queue, self._on_message, auto_ack=self.auto_ack, exclusive=self.config.exclusive,
-            consumer_tag=self.config.consumer_tag, callback=self._on_consume_ok)
-
-    def _on_consume_ok(self, _frame: pika.frame.Method) -> None:
-        if not self._connection_ready:
-            self._connection_ready = True
-            self.mark_ready()
-            self.stats["connections"] = self.connections
-
-    def _on_channel_closed(self, channel: pika.channel.Channel, reason: BaseException) -> None:
-        if channel is not self._channel and channel is not self._retry_channel:
-            return
-        consuming = channel is self._channel
-        if consuming:
-            self._channel = None
-        else:
-            self._retry_channel = None
-        connection = self.connection
-        if self.closing or connection is None or not connection.is_open:
-            return
-        error = map_pika_error(reason, what=f"consuming from {self.queue!r}", name=self.queue)
-        if not self._connection_ready:
-            self.fail_setup(error, fatal=isinstance(error, ConfigurationError))
-            return
-        self.stats["channel_failures"] += 1
-        # Unacknowledged deliveries of a closed channel went back to the queue; the retry channel's
-        # unconfirmed copies have originals that only a new consuming channel can settle. Start over.
-        self.close_connection(f"{'consuming' if consuming else 'retry'} channel closed by the broker: {error}")
-
-    def _on_cancelled(self, _frame: pika.frame.Method) -> None:
-        self.fail_setup(ConsumerCancelled(
-            f"the broker cancelled the consumer of queue {self.queue!r} (the queue was deleted, or its "
-            "node went away)"), fatal=True)
-
-    def on_connection_lost(self, error: ReliableMessagingError) -> None:
-        self._channel = None
-        self._retry_channel = None
-        self._retry_inflight.clear()
-        self._retry_order.clear()
-        self._retry_returned.clear()
-        for _gen, handle in self._delayed_nacks.values():
-            self.remove_timeout(handle)
-        self._delayed_nacks.clear()
-        self._delivered.clear()
-        self._settled.clear()
-        self._ack_ready.clear()
-        # Results of this channel's deliveries can no longer be acknowledged: the broker redelivers them.
-        self.generation += 1
-
-    # -- deliveries -------------------------------------------------------------------------------------
-
-    def _on_message(self, _channel: pika.channel.Channel, method: pika.spec.Basic.Deliver,
-                    properties: pika.BasicProperties, body: bytes) -> None:
-        if not self.auto_ack:
-            self._delivered.append(method.delivery_tag)
-        self.deliveries.put((self.generation, method, properties, body))
-
-    def on_wake(self) -> None:
-        results = self.results
-        channel = self._channel
-        generation = self.generation
-        stats = self.stats
-        while results:
-            gen, outcome, messages, properties = results.popleft()
-            if gen != generation or channel is None or not channel.is_open:
-                stats["stale_results"] += len(messages)
-                continue
-            disposition = outcome.disposition
-            if disposition is Disposition.ACK:
-                for message in messages:
-                    self._ack_ready.add(message.delivery_tag)
-            elif disposition is Disposition.DEAD_LETTER:
-                for message in messages:
-                    channel.basic_reject(message.delivery_tag, requeue=False)
-                    self._settled.add(message.delivery_tag)
-                    stats["rejects"] += 1
-            elif self.delayed:
-                for message, props in zip(messages, properties, strict=True):
-                    self._publish_retry(message, props, outcome, gen)
-            else:
-                for message in messages:
-                    self._requeue_later(message.delivery_tag, outcome.delay, gen)
-        self._flush_acks()
-
-    def _flush_acks(self) -> None:
-        """Acknowledge what is ready: the settled-or-ready prefix of deliveries with one multiple=True ack."""
-        ready = self._ack_ready
-        channel = self._channel
-        if channel is None or not channel.is_open:
-            return
-        delivered, settled = self._delivered, self._settled
-        highest = 0
-        count = 0
-        while delivered:
-            tag = delivered[0]
-            if tag in settled:
-                settled.discard(tag)
-                delivered.popleft()
-            elif tag in ready:
-                ready.discard(tag)
-                delivered.popleft()
-                highest = tag
-                count += 1
-            else:
-                break
-        if highest:
-            channel.basic_ack(highest, multiple=count > 1)
-            self.stats["acks"] += 1
-            if count > 1:
-                self.stats["multiple_acks"] += 1
-        for tag in ready:  # behind an unsettled delivery (a retry waiting for its confirm): one by one
-            channel.basic_ack(tag)
-            settled.add(tag)
-            self.stats["acks"] += 1
-        ready.clear()
-
-    def _requeue_later(self, tag: int, delay: float, gen: int) -> None:
-        if delay <= 0 or self.closing:
-            self._nack_requeue(gen, tag)
-            return
-        handle = self.call_later(delay, lambda: self._nack_requeue(gen, tag))
-        self._delayed_nacks[tag] = (gen, handle)
-
-    def _nack_requeue(self, gen: int, tag: int) -> None:
-        self._delayed_nacks.pop(tag, None)
-        channel = self._channel
-        if gen != self.generation or channel is None or not channel.is_open:
-            return
-        channel.basic_nack(tag, requeue=True)
-        self.stats["requeues"] += 1
-        self._settled.add(tag)
-        self._flush_acks()
-
-    # -- retry copies (DELAYED mode) --------------------------------------------------------------------
-
-    def _publish_retry(self, message: RabbitMQMessage, original: pika.BasicProperties, outcome: Outcome,
-                       gen: int) -> None:
-        channel = self._retry_channel
-        tag = message.delivery_tag
-        if channel is None or not channel.is_open:
-            self._retry_failed(gen, tag, message.message_id, "the retry channel is not open")
-            return
-        attempt = message.attempt + 1 if outcome.counts_attempt else message.attempt
-        tier = min(max(1, message.attempt), self.max_retry_tier)
-        headers = {k: v for k, v in message.headers.items() if k not in BROKER_HEADERS}
-        headers[ATTEMPT_HEADER] = attempt
-        headers.pop(DEFERRALS_HEADER, None)
-        if not outcome.counts_attempt:  # handed back unrun: the next hand-back waits longer
-            headers[DEFERRALS_HEADER] = header_count(message.headers.get(DEFERRALS_HEADER)) + 1
-        if outcome.reason:
-            headers[ERROR_HEADER] = outcome.reason[:500]
-        props = _copy_properties(original, headers, outcome.delay)
-        channel.basic_publish("", retry_queue_name(self.queue, tier), message.body, props, mandatory=True)
-        self._retry_tag += 1
-        self._retry_inflight[self._retry_tag] = (gen, tag, message.message_id)
-        self._retry_order.append(self._retry_tag)
-        self.stats["retry_copies"] += 1
-
-    def _on_retry_return(self, _channel: pika.channel.Channel, method: pika.spec.Basic.Return,
-                         properties: pika.BasicProperties, _body: bytes) -> None:
-        mid = properties.message_id or ""
-        for rtag in self._retry_order:
-            entry = self._retry_inflight.get(rtag)
-            if entry is not None and entry[2] == mid and rtag not in self._retry_returned:
-                self._retry_returned.add(rtag)
-                logger.warning("retry copy of message %s was returned (%s %s): is queue %r missing?", mid,
-                               method.reply_code, method.reply_text, method.routing_key)
-                return
-
-    def _on_retry_confirm(self, frame: pika.frame.Method) -> None:
-        method = frame.method
-        ack = isinstance(method, pika.spec.Basic.Ack)
-        tags: list[int] = []
-        if method.multiple:
-            while self._retry_order and self._retry_order[0] <= method.delivery_tag:
-                tags.append(self._retry_order.popleft())
-        else:
-            tags.append(method.delivery_tag)
-        for rtag in tags:
-            entry = self._retry_inflight.pop(rtag, None)
-            if entry is None:
-                continue
-            gen, tag, mid = entry
-            returned = rtag in self._retry_returned
-            self._retry_returned.discard(rtag)
-            if ack and not returned:
-                if gen == self.generation:
-                    self._ack_ready.add(tag)
-            else:
-                why = "the broker nacked the copy" if not ack else "the copy was unroutable"
-                self._retry_failed(gen, tag, mid, why)
-        while self._retry_order and self._retry_order[0] not in self._retry_inflight:
-            self._retry_order.popleft()
-        self._flush_acks()
-
-    def _retry_failed(self, gen: int, tag: int, mid: str, why: str) -> None:
-        self.stats["retry_copy_failures"] += 1
-        logger.warning("could not park message %s in a retry queue (%s): requeueing it instead", mid, why)
-        self._nack_requeue(gen, tag)
-
-    # -- stopping ---------------------------------------------------------------------------------------
-
-    def cancel_consumer(self) -> None:
-        """Ask the broker to stop sending (basic.cancel); deliveries already sent still arrive."""
-        channel = self._channel
-        if channel is not None and channel.is_open and self._consumer_tag is not None:
-            channel.basic_cancel(self._consumer_tag)
-
-    def begin_close(self) -> None:
-        """Settle what the worker finished, send delayed nacks now, let retry copies confirm, then close."""
-        self.on_wake()
-        for tag, (gen, handle) in list(self._delayed_nacks.items()):
-            self.remove_timeout(handle)
-            self._nack_requeue(gen, tag)
-        if self._retry_inflight and self._close_deadline is None:
-            self._close_deadline = time.monotonic() + CLOSE_GRACE
-            return  # on_tick closes once copies are confirmed, or the grace period is over
-        super().begin_close()
-
-    def on_tick(self) -> None:
-        if self._close_deadline is not None and (not self._retry_inflight
-                                                 or time.monotonic() >= self._close_deadline):
-            self._close_deadline = None
-            if self._retry_inflight:
-                logger.warning("closing with %d unconfirmed retry copies; their originals will be redelivered",
-                               len(self._retry_inflight))
-            self.on_wake()
-            super().begin_close()
-
-    def on_finished(self, error: ReliableMessagingError | None) -> None:
-        self.owner._engine_finished(error)
 
 
 class RabbitMQConsumer:
@@ -516,7 +170,7 @@ class RabbitMQConsumer:
         runner_handler: Callable[[Any], Any] = _call_batch(handler) if self._batch else handler
         self.runner: HandlerRunner[Any] = HandlerRunner(runner_handler, retry=retry, decoder=decoder, dedup=dedup,
                                                         dedup_key=dedup_key, loop=loop)
-        self._engine: _Engine | None = None
+        self._engine: ConsumerIO | None = None
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
         self._done = threading.Event()
@@ -552,7 +206,7 @@ class RabbitMQConsumer:
         with self._lock:
             if self._engine is not None:
                 raise ClosedError("the consumer was already started (a consumer starts once)")
-            self._engine = _Engine(self)
+            self._engine = ConsumerIO(self)
         engine = self._engine
         self._worker = threading.Thread(target=self._work, name=f"rm-rabbitmq-worker-{self.queue}", daemon=True)
         self._worker.start()
@@ -684,7 +338,7 @@ class RabbitMQConsumer:
             if self._stopping.is_set():
                 self._close(CLOSE_GRACE)  # stop() may have returned already, its handler still running
 
-    def _message(self, engine: _Engine, item: _Delivery) -> tuple[RabbitMQMessage, Outcome | None]:
+    def _message(self, engine: ConsumerIO, item: Delivery) -> tuple[RabbitMQMessage, Outcome | None]:
         _gen, method, properties, body = item
         value, bad = self.runner.decode(body)
         message = message_from_delivery(method, properties, body, queue=self.queue, value=value)
@@ -695,7 +349,7 @@ class RabbitMQConsumer:
                            "retry_mode=REQUEUE cannot count attempts there; use retry_mode=DELAYED", self.queue)
         return message, bad
 
-    def _work_single(self, engine: _Engine) -> None:
+    def _work_single(self, engine: ConsumerIO) -> None:
         """Run the handler on each delivery, in order. With a dedup store, every delivery already waiting
         (up to ``prefetch``) is taken at once and their ids claimed with one call to the store."""
         deliveries, results, runner = engine.deliveries, engine.results, self.runner
@@ -710,7 +364,7 @@ class RabbitMQConsumer:
                     items.append(deliveries.get_nowait())
                 except queue_module.Empty:
                     break
-            batch: list[tuple[_Delivery, RabbitMQMessage, Outcome | None]] = []
+            batch: list[tuple[Delivery, RabbitMQMessage, Outcome | None]] = []
             ended = False
             for item in items:
                 if item is None:
@@ -738,7 +392,7 @@ class RabbitMQConsumer:
             if ended:
                 return
 
-    def _work_batches(self, engine: _Engine) -> None:
+    def _work_batches(self, engine: ConsumerIO) -> None:
         deliveries, results, runner = engine.deliveries, engine.results, self.runner
         size, wait = self.config.batch_size, self.config.batch_timeout
         auto_ack = engine.auto_ack
@@ -796,18 +450,3 @@ def _call_batch(handler: Callable[[list[RabbitMQMessage]], Any]) -> Callable[[_B
         return handler(list(batch.messages))
 
     return call
-
-
-def _copy_properties(original: pika.BasicProperties, headers: dict[str, Any], delay: float) -> pika.BasicProperties:
-    """The properties of a retry copy: the original's, with new headers and the retry delay as expiration.
-
-    ``user_id`` is dropped: the broker refuses (406) a user_id that is not the publishing
-    connection's user, and the copy is published by this consumer's user. The copy is persistent
-    so a broker restart does not lose a message parked for retry.
-    """
-    return pika.BasicProperties(
-        content_type=original.content_type, content_encoding=original.content_encoding, headers=headers,
-        delivery_mode=2, priority=original.priority, correlation_id=original.correlation_id,
-        reply_to=original.reply_to, expiration=str(max(0, int(delay * 1000))), message_id=original.message_id,
-        timestamp=original.timestamp, type=original.type, app_id=original.app_id, cluster_id=original.cluster_id,
-    )
