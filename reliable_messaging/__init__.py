@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import typing
 
+from ._broker import Broker, Consumer, Guarantee
 from ._dedup import ClaimResult, DedupStore, MemoryDedupStore, RedisDedupStore, SQLiteDedupStore
 from ._errors import (
     TRANSIENT_ERRORS,
@@ -35,10 +36,11 @@ from ._errors import (
     Unroutable,
     is_transient,
 )
-from ._facade import DEFAULT_DEDUP_PATH, Broker, Consumer, Guarantee, connect
+from ._facade import DEFAULT_DEDUP_PATH, connect
 from ._handling import ConsumerStats, Disposition, Outcome
 from ._message import DEFERRALS_HEADER, Delivery, DeliveryFuture, Message
 from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from ._stats import BrokerStats, PublisherStats
 
 __version__ = "0.1.0"
 
@@ -102,6 +104,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "Acks",
     "Broker",
+    "BrokerStats",
     "BrokerUnavailable",
     "ClaimResult",
     "ClosedError",
@@ -132,6 +135,7 @@ __all__ = [
     "NotEnoughReplicas",
     "Outcome",
     "ProcessingSignal",
+    "PublisherStats",
     "RabbitMQAckMode",
     "RabbitMQBinding",
     "RabbitMQConsumer",

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 
-__all__ = ["RepeatFilter", "limit_repeats"]
+__all__ = ["RepeatFilter", "limit_repeats", "redact"]
 
 REPEAT_INTERVAL = 30.0
 """Seconds during which a message of the same kind is logged once."""
@@ -64,3 +64,18 @@ def limit_repeats(logger: logging.Logger) -> logging.Logger:
             _installed[logger.name] = RepeatFilter()
             logger.addFilter(_installed[logger.name])
     return logger
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (``scheme://user:***@host...``), for errors, reprs and logs.
+
+    Works on text that is not a valid URL too: whatever sits between ``://`` and the last ``@`` is
+    taken for credentials (a password may hold ``/`` or ``@``).
+    """
+    scheme, sep, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")  # the last "@": a password may hold "/" or "@"
+    if not sep or not at:
+        return url
+    user = credentials.split(":", 1)[0].split("/", 1)[0]
+    hidden = f"{user}:***" if user else "***"
+    return f"{scheme}://{hidden}@{location}"

@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ClosedError, ConfigurationError, StoreUnavailable
+from .._log import redact
 from ._base import DEFAULT_LEASE, DEFAULT_TTL, ClaimResult, DedupStore, check_liveness
 from ._memory import ThreadTokens, check_key
 from ._process import INSTANCE_ID_LENGTH, ProcessIdentity, process_state, this_process
@@ -168,10 +169,10 @@ class RedisDedupStore(DedupStore):
                 )
             except ValueError as exc:
                 raise ConfigurationError(
-                    f"invalid Redis URL {_redact(url_or_client)!r}: {exc}", field="url_or_client"
+                    f"invalid Redis URL {redact(url_or_client)!r}: {exc}", field="url_or_client"
                 ) from exc
             self._owns_client = True
-            self._where = _redact(url_or_client)
+            self._where = redact(url_or_client)
         elif isinstance(url_or_client, redis.Redis):
             kwargs = url_or_client.connection_pool.connection_kwargs
             if kwargs.get("socket_timeout") is None:
@@ -395,13 +396,3 @@ def _process_state(identity: str) -> bool | None:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages and repr."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"

@@ -35,9 +35,10 @@ from confluent_kafka import KafkaError
 from confluent_kafka import Message as RawMessage
 
 from .._message import Delivery, DeliveryFuture
+from .._stats import FailureCounts
 from ._errors import delivery_error
 
-__all__ = ["KafkaDeliveryFuture"]
+__all__ = ["KafkaDeliveryFuture", "future_class"]
 
 _LAZY_LOCK = threading.Lock()
 
@@ -56,6 +57,9 @@ class KafkaDeliveryFuture(DeliveryFuture):
 
     _lazy_condition: threading.Condition | None = None  # class default: no condition yet
     _report: _Report | None = None  # (partition, offset, (timestamp type, timestamp)) until built
+    failures: FailureCounts | None = None
+    """Where failed deliveries are counted: set on the class a producer makes for its own futures
+    (:func:`future_class`), so counting costs the success path nothing."""
     purge_error: BaseException | None = None
     """Set by the producer on a future it purges for a reason of its own (no broker was ever reached):
     the purge report fails the future with this error instead of "closed before it was sent"."""
@@ -73,10 +77,11 @@ class KafkaDeliveryFuture(DeliveryFuture):
     def __call__(self, err: KafkaError | None, msg: RawMessage) -> None:
         if err is not None:
             purged = self.purge_error
-            if purged is not None and err.code() in _PURGED:
-                self.set_exception(purged)
-            else:
-                self.set_exception(delivery_error(err, self.message_id))
+            error = purged if purged is not None and err.code() in _PURGED else delivery_error(err, self.message_id)
+            self.set_exception(error)
+            failures = self.failures
+            if failures is not None:
+                failures.add(error)
             return
         report = (msg.partition(), msg.offset(), msg.timestamp())
         if self._lazy_condition is None:
@@ -137,6 +142,11 @@ class KafkaDeliveryFuture(DeliveryFuture):
         if self._state == FINISHED:
             return self._exception
         return super().exception(timeout)
+
+
+def future_class(failures: FailureCounts) -> type[KafkaDeliveryFuture]:
+    """A subclass of :class:`KafkaDeliveryFuture` whose failed deliveries are counted in ``failures``."""
+    return type("KafkaDeliveryFuture", (KafkaDeliveryFuture,), {"failures": failures})
 
 
 def _delivery(message_id: str, topic: str, report: _Report) -> Delivery:

@@ -36,9 +36,10 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from .._errors import BrokerUnavailable, ClosedError, ConfigurationError, DeliveryTimeout, InvalidMessage
 from .._log import limit_repeats
 from .._message import MESSAGE_ID_HEADER, DeliveryFuture, coerce_body, new_message_id
+from .._stats import FailureCounts, PublisherStats
 from ._config import KafkaProducerConfig
 from ._errors import delivery_error
-from ._future import KafkaDeliveryFuture
+from ._future import KafkaDeliveryFuture, future_class
 
 __all__ = ["KafkaProducer"]
 
@@ -118,6 +119,8 @@ class KafkaProducer:
         self._waiting: list[KafkaDeliveryFuture] = []  # published before a broker answered
         self._waiting_lock = threading.Lock()
         self._published = 0
+        self._failures = FailureCounts()
+        self._future = future_class(self._failures)  # counts failed deliveries, at no cost to the others
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name=f"rm-kafka-poller-{config.client_id}",
                                         daemon=True)
@@ -164,11 +167,14 @@ class KafkaProducer:
             partition = -1
         elif partition.__class__ is not int or partition < 0:
             raise InvalidMessage(f"partition must be None or an int >= 0, got {partition!r}")
-        future = KafkaDeliveryFuture(message_id, topic)
+        future = self._future(message_id, topic)
         if not self._reached:
             with self._waiting_lock:
                 if self._unreachable is not None:
-                    future.set_exception(self._unreachable_error(message_id))
+                    error = self._unreachable_error(message_id)
+                    future.set_exception(error)
+                    self._failures.add(error)
+                    self._published += 1
                     return future
                 if not self._reached:
                     self._waiting.append(future)
@@ -213,6 +219,7 @@ class KafkaProducer:
             )
             error.__cause__ = exc
             future.set_exception(error)
+            self._failures.add(error)
         except KafkaException as exc:
             _fail_from(future, exc)
 
@@ -296,6 +303,17 @@ class KafkaProducer:
             if remaining:  # pragma: no cover - librdkafka reports purged messages at once
                 logger.error("%d messages still without a delivery report after purge", remaining)
 
+    @property
+    def stats(self) -> PublisherStats:
+        """Counters in the shape every backend reports (``confirmed`` and ``in_flight`` as librdkafka counts
+        them: messages queued, in flight, or with a report not yet served)."""
+        failures = self._failures.snapshot()
+        failed = sum(failures.values())
+        in_flight = len(self._producer) if not self._closed else 0
+        published = self._published
+        return PublisherStats(published=published, confirmed=max(0, published - failed - in_flight), failed=failed,
+                              in_flight=in_flight, failures=failures)
+
     def __len__(self) -> int:
         """librdkafka's count of messages queued or in flight, plus events (reports, errors) not yet served."""
         return len(self._producer)
@@ -359,6 +377,8 @@ def _fail_from(future: KafkaDeliveryFuture, exc: KafkaException) -> None:
     error = delivery_error(err, future.message_id)
     error.__cause__ = exc
     future.set_exception(error)
+    if future.failures is not None:
+        future.failures.add(error)
 
 
 def _headers(headers: HeaderInput, message_id: str) -> list[tuple[str, str | bytes | None]]:

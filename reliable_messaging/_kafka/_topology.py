@@ -29,7 +29,7 @@ from confluent_kafka.cimpl import NewTopic
 from .._errors import BrokerUnavailable, ConfigurationError
 from ._errors import kafka_error_of, operation_error
 
-__all__ = ["TopicNames", "create_topics", "partition_counts"]
+__all__ = ["TopicNames", "create_topics", "delete_topics", "partition_counts", "reachable"]
 
 logger = logging.getLogger("reliable_messaging.kafka.topology")
 
@@ -164,3 +164,45 @@ def _wait_visible(admin: AdminClient, names: list[str], timeout: float) -> None:
     except _NotVisibleYet as exc:
         raise BrokerUnavailable(f"created topics not visible in metadata within {timeout:.0f}s: {exc}") from exc
 
+
+
+def delete_topics(bootstrap_servers: str, topics: Iterable[str], *, timeout: float = 30.0,
+                  extra: Mapping[str, object] | None = None) -> list[str]:
+    """Delete each of ``topics`` that exists (with its messages); returns the ones deleted."""
+    admin = _admin(bootstrap_servers, extra or {})
+    try:
+        existing = admin.list_topics(timeout=min(timeout, 10.0)).topics
+    except KafkaException as exc:
+        raise operation_error("reading cluster metadata", exc) from exc
+    names = [topic for topic in dict.fromkeys(topics) if topic in existing]
+    if not names:
+        return []
+    try:
+        futures = admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
+    except KafkaException as exc:
+        raise operation_error("deleting topics", exc) from exc
+    deleted: list[str] = []
+    for name, future in futures.items():
+        try:
+            future.result(timeout=timeout + 5)
+        except KafkaException as exc:
+            err = kafka_error_of(exc)
+            if err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue
+            raise operation_error(f"deleting topic {name!r}", exc) from exc
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"deleting topic {name!r}: no answer within {timeout + 5:.0f}s") from exc
+        deleted.append(name)
+    if deleted:
+        logger.info("deleted topics %s", ", ".join(deleted))
+    return deleted
+
+
+def reachable(bootstrap_servers: str, *, timeout: float, extra: Mapping[str, object] | None = None) -> bool:
+    """Whether a broker of the cluster answers a metadata request within ``timeout`` seconds."""
+    admin = _admin(bootstrap_servers, extra or {})
+    try:
+        admin.list_topics(timeout=timeout)
+    except KafkaException:
+        return False
+    return True

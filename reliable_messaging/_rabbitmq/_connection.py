@@ -123,13 +123,24 @@ class IOThread:
 
     # -- lifecycle, any thread ------------------------------------------------------------------------
 
-    def start_thread(self, timeout: float) -> None:
-        """Start the I/O thread; wait up to ``timeout`` s for the first ready connection.
+    @property
+    def address(self) -> str:
+        return f"{self._params.host}:{self._params.port}"
+
+    @property
+    def last_open_error(self) -> ReliableMessagingError | None:
+        """Why the last connection attempt failed, if it did."""
+        return self._open_error
+
+    def start_thread(self, timeout: float, *, wait: bool = True) -> None:
+        """Start the I/O thread; wait up to ``timeout`` s for the first ready connection (unless not ``wait``).
 
         Raises the fatal error if the thread gave up, :class:`BrokerUnavailable` on timeout
         (the thread is then stopped).
         """
         self._thread.start()
+        if not wait:
+            return
         if not self._started.wait(timeout):
             self.request_close()
             self.join(10.0)

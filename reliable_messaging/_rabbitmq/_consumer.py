@@ -178,7 +178,7 @@ class RabbitMQConsumer:
         self._close_lock = threading.Lock()
         self._closed = False
         self._warned_uncountable = False
-        self.error: ReliableMessagingError | None = None
+        self.error: Exception | None = None
         """Why the consumer stopped on its own (ConsumerCancelled, BrokerUnavailable, TopologyMismatch,
         HandlerAborted...)."""
         self._aborted: BaseException | None = None  # a handler's BaseException, re-raised by run()

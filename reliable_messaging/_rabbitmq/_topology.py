@@ -29,10 +29,11 @@ Names used by the helpers (``<q>`` is the work queue):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -341,31 +342,51 @@ class RabbitMQTopology:
         arguments, :class:`~reliable_messaging.ConfigurationError` for refused names/permissions,
         :class:`~reliable_messaging.BrokerUnavailable` when the broker cannot be reached.
         """
-        from ._config import _check_url
-
-        params = pika.URLParameters(_check_url(url))
-        params.connection_attempts = 1
-        params.socket_timeout = min(timeout, 10.0)
-        params.stack_timeout = timeout
-        params.blocked_connection_timeout = timeout
-        params.client_properties = {"connection_name": connection_name or "reliable-messaging topology"}
-        try:
-            connection = pika.BlockingConnection(params)
-        except pika.exceptions.AMQPError as exc:
-            raise map_pika_error(exc, what="connecting to declare topology") from exc
-        try:
-            channel = connection.channel()
+        with _blocking_channel(url, timeout, connection_name, "declare topology") as channel:
             for kind, name, item in self._items():
                 try:
                     _declare_blocking(item, channel)
                 except pika.exceptions.AMQPError as exc:
                     raise map_pika_error(exc, what=f"declaring {kind} {name!r}", name=name) from exc
-        finally:
-            if connection.is_open:
-                try:
-                    connection.close()
-                except pika.exceptions.AMQPError as exc:
-                    logger.debug("closing the topology connection failed: %s", exc, exc_info=True)
+
+    def delete(self, url: str, *, timeout: float = 30.0, connection_name: str | None = None) -> None:
+        """Delete this topology's queues (with their messages), then its exchanges; bindings go with them.
+        What does not exist is skipped (RabbitMQ answers delete-ok)."""
+        with _blocking_channel(url, timeout, connection_name, "delete topology") as channel:
+            for kind, items in (("queue", self.queues), ("exchange", self.exchanges)):
+                for item in items:
+                    try:
+                        if kind == "queue":
+                            channel.queue_delete(item.name)
+                        else:
+                            channel.exchange_delete(item.name)
+                    except pika.exceptions.AMQPError as exc:
+                        raise map_pika_error(exc, what=f"deleting {kind} {item.name!r}", name=item.name) from exc
+
+
+@contextlib.contextmanager
+def _blocking_channel(url: str, timeout: float, connection_name: str | None, what: str) -> Iterator[Any]:
+    """A channel on a short-lived BlockingConnection, every wait bounded by ``timeout``."""
+    from ._config import _check_url
+
+    params = pika.URLParameters(_check_url(url))
+    params.connection_attempts = 1
+    params.socket_timeout = min(timeout, 10.0)
+    params.stack_timeout = timeout
+    params.blocked_connection_timeout = timeout
+    params.client_properties = {"connection_name": connection_name or "reliable-messaging topology"}
+    try:
+        connection = pika.BlockingConnection(params)
+    except pika.exceptions.AMQPError as exc:
+        raise map_pika_error(exc, what=f"connecting to {what}") from exc
+    try:
+        yield connection.channel()
+    finally:
+        if connection.is_open:
+            try:
+                connection.close()
+            except pika.exceptions.AMQPError as exc:
+                logger.debug("closing the topology connection failed: %s", exc, exc_info=True)
 
 
 def _declare_async(item: RabbitMQExchange | RabbitMQQueue | RabbitMQBinding, channel: Any,

@@ -1,0 +1,294 @@
+"""The backend contract: what every broker behind :func:`reliable_messaging.connect` implements.
+
+A backend is a package with one :class:`Broker` subclass, named in the facade's scheme table
+(``reliable_messaging._facade``). The subclass parses its own URL, applies the guarantee presets to
+its own settings, validates them (a :class:`~reliable_messaging.ConfigurationError` from its
+constructor, before anything connects), and implements the abstract methods below. Everything
+else — the consumer bookkeeping, closing in order, the guarantee check, stats — is here, once.
+
+The promises every backend keeps (the contract suite, :mod:`reliable_messaging.testing.contract`,
+checks them on each):
+
+- :meth:`Broker.publish` returns a :class:`~reliable_messaging.DeliveryFuture` at once. It raises
+  only for what the caller can fix at the call: invalid input
+  (:class:`~reliable_messaging.InvalidMessage`), a closed broker (:class:`~reliable_messaging.ClosedError`).
+  Broker trouble — unreachable, refused credentials, a nack, no route, a timeout — arrives through
+  the future. It never waits on the network.
+- :meth:`Broker.flush` returns a bool; :meth:`Broker.close` closes every part even if one fails.
+- Consumers end a handled message the same way (ack / retry / dead letter with the same
+  ``x-rm-*`` headers, :mod:`reliable_messaging._headers`), report the same
+  :class:`~reliable_messaging.ConsumerStats`, and refuse the same misuse with the same errors.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import enum
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, ClassVar, Protocol
+
+from ._dedup import DedupStore
+from ._errors import ClosedError, ConfigurationError
+from ._handling import ConsumerStats
+from ._log import redact
+from ._message import DeliveryFuture, OutgoingHeaders
+from ._retry import RetryPolicy
+from ._stats import BrokerStats, PublisherStats
+
+__all__ = ["PRESET", "Broker", "Consumer", "Guarantee", "split_settings"]
+
+logger = logging.getLogger("reliable_messaging")
+
+
+class Guarantee(str, enum.Enum):
+    """Delivery guarantee presets (see :func:`reliable_messaging.connect` for the knobs each one sets)."""
+
+    AT_MOST_ONCE = "at-most-once"
+    """Never redelivered, may be lost: no broker acknowledgement is awaited, consumers ack on receipt."""
+    AT_LEAST_ONCE = "at-least-once"
+    """Never lost once its future resolved; may be delivered more than once (a lost ack, a crash)."""
+    EFFECTIVELY_ONCE = "effectively-once"
+    """At-least-once delivery, with the handler run once per message id (a dedup store)."""
+
+
+class Consumer(Protocol):
+    """What ``Broker.consumer()`` returns, on every backend."""
+
+    error: Exception | None
+    """Why the consumer stopped on its own, if it did."""
+
+    @property
+    def stats(self) -> ConsumerStats: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    def start(self) -> Any: ...
+
+    def stop(self, timeout: float = 30.0) -> bool: ...
+
+    def run(self) -> None: ...
+
+
+PRESET: Any = object()
+"""The default of ``dedup=`` arguments: the broker's (or the preset's) store."""
+
+
+class Broker(abc.ABC):
+    """A connection to one broker, with a guarantee preset. Create it with :func:`reliable_messaging.connect`.
+
+    Thread-safe: publish from any thread. ``close()`` stops the consumers it created, flushes and
+    closes the publisher and closes the dedup store it opened.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+    """The URL schemes this backend serves (its lines in the facade's scheme table)."""
+
+    def __init__(self, url: str, *, guarantee: Guarantee, retry: RetryPolicy, dedup: DedupStore | None,
+                 own_dedup: bool, name: str, settings: Mapping[str, Any], allow_weaker: bool = False) -> None:
+        self.url = url
+        self.guarantee = guarantee
+        self.retry = retry
+        self.dedup = dedup
+        self.name = name
+        self.settings = dict(settings)
+        self.allow_weaker = allow_weaker
+        self.weakened: tuple[str, ...] = ()
+        """What the settings take away from the guarantee preset (empty: the preset holds as documented)."""
+        self._own_dedup = own_dedup
+        self._lock = threading.Lock()
+        self._closed = False
+        self._consumers: dict[str, Consumer] = {}
+
+    # -- what a backend implements --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def publish(self, destination: str, body: bytes | bytearray | memoryview | str, *,
+                key: str | bytes | None = None, headers: OutgoingHeaders | None = None,
+                message_id: str | None = None) -> DeliveryFuture:
+        """Publish one message; the future resolves when the broker took responsibility for it (per the
+        guarantee: at-most-once futures resolve without a broker acknowledgement). Never blocks on the
+        network; raises only for invalid input or a closed broker."""
+
+    @abc.abstractmethod
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every publish so far is settled; False if some were still pending at ``timeout``."""
+
+    @abc.abstractmethod
+    def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str | None, retry: RetryPolicy,
+                  decoder: Callable[[bytes], Any] | None, dedup: DedupStore | None,
+                  dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None) -> Consumer:
+        """Build (not start) a consumer; the arguments are validated."""
+
+    @abc.abstractmethod
+    def declare(self, destination: str | None = None, *, source: str | None = None, pattern: str = "#",
+                timeout: float = 30.0) -> None:
+        """Create what publishing to ``destination`` and consuming ``source`` need, before either starts.
+
+        ``source`` comes with its dead-letter and retry parts and, where the broker routes, is bound to
+        ``destination`` (default: the destination of the same name) by ``pattern``. Idempotent; blocks
+        up to ``timeout`` (it is an administrative call, not for the publishing path).
+        """
+
+    @abc.abstractmethod
+    def delete(self, destination: str | None = None, *, source: str | None = None, timeout: float = 30.0) -> None:
+        """Delete ``destination`` and/or ``source`` with its dead-letter and retry parts (and their messages).
+        Deleting what does not exist is not an error."""
+
+    @abc.abstractmethod
+    def dead_letter_source(self, source: str) -> str:
+        """Where ``source``'s dead-lettered messages end up (a topic, a queue): a source to consume."""
+
+    @abc.abstractmethod
+    def ping(self, timeout: float = 5.0) -> bool:
+        """Whether the broker answers within ``timeout`` seconds (for readiness probes)."""
+
+    @abc.abstractmethod
+    def _publisher_stats(self) -> PublisherStats:
+        """The publisher's counters (zeros before the first publish)."""
+
+    @abc.abstractmethod
+    def _close_publisher(self, timeout: float) -> None:
+        """Settle pending publishes (up to ``timeout``) and close the publisher, if one was made."""
+
+    def _describe(self) -> str:
+        """The knobs that decide the guarantee, for the repr."""
+        return ""
+
+    # -- the same for every backend -------------------------------------------------------------
+
+    def consumer(
+        self,
+        source: str,
+        handler: Callable[[Any], Any],
+        *,
+        group: str | None = None,
+        retry: RetryPolicy | None = None,
+        decoder: Callable[[bytes], Any] | None = None,
+        dedup: DedupStore | Any | None = PRESET,
+        dedup_key: Callable[[Any], str] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Consumer:
+        """A consumer of ``source`` running ``handler`` (sync or ``async def``); call ``start()`` or ``run()``.
+
+        ``group``: the Kafka consumer group, required there (a shared default would let two services
+        split each other's messages); a RabbitMQ queue is shared by its consumers, which ignore it.
+        ``retry``/``dedup`` default to the broker's. The default dedup key is
+        ``<group or queue>/<message id>``, so two services sharing one store do not suppress each
+        other's messages.
+        """
+        if not isinstance(source, str) or not source:
+            raise ConfigurationError(f"source must be a non-empty topic/queue name, got {source!r}", field="source")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise ConfigurationError(f"group must be a non-empty str, got {group!r}", field="group")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {type(retry).__name__}", field="retry")
+        store = self.dedup if dedup is PRESET else dedup
+        if store is not None and not isinstance(store, DedupStore):
+            raise ConfigurationError(f"dedup must be a DedupStore or None, got {type(store).__name__}", field="dedup")
+        with self._lock:
+            if self._closed:
+                raise ClosedError("the broker connection is closed")
+            consumer = self._consumer(source, handler, group=group, retry=retry or self.retry, decoder=decoder,
+                                      dedup=store, dedup_key=dedup_key, loop=loop)
+            name = f"{group}/{source}" if group and self._groups_matter() else source
+            unique, n = name, 1
+            while unique in self._consumers:
+                n += 1
+                unique = f"{name}#{n}"
+            self._consumers[unique] = consumer
+        return consumer
+
+    def _groups_matter(self) -> bool:
+        """Whether consumers are told apart by group as well as source (Kafka)."""
+        return False
+
+    def stats(self) -> BrokerStats:
+        """A snapshot of the publisher's and every consumer's counters (the same fields on every backend)."""
+        with self._lock:
+            consumers = dict(self._consumers)
+        return BrokerStats(publisher=self._publisher_stats(),
+                           consumers={name: consumer.stats for name, consumer in consumers.items()})
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop this broker's consumers, settle pending publishes, release resources. Idempotent.
+
+        Every part is closed even when one of them fails (the first error is raised at the end).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            consumers, self._consumers = list(self._consumers.values()), {}
+        first: BaseException | None = None
+        steps: list[tuple[str, Callable[[], object]]] = [
+            *((f"stopping a consumer ({consumer!r})", lambda c=consumer: c.stop(timeout)) for consumer in consumers),
+            ("closing the publisher", lambda: self._close_publisher(timeout)),
+        ]
+        if self._own_dedup and self.dedup is not None:
+            steps.append(("closing the dedup store", self.dedup.close))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - the next parts are closed all the same
+                logger.warning("%r: %s failed: %s: %s", self, what, type(exc).__name__, exc)
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def _check_weakening(self, weakened: list[str]) -> None:
+        """Refuse settings that break the preset's promise, unless allow_weaker; remember and log them."""
+        if not weakened:
+            return
+        if not self.allow_weaker:
+            raise ConfigurationError(
+                f"guarantee={self.guarantee.value!r} does not hold with {'; '.join(weakened)}; pass "
+                f"allow_weaker=True if that is meant, or choose the preset that matches", field="guarantee")
+        self.weakened = tuple(weakened)
+        logger.warning("reliable_messaging: guarantee %s weakened on purpose (allow_weaker=True): %s",
+                       self.guarantee.value, "; ".join(weakened))
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Broker:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __repr__(self) -> str:
+        dedup = type(self.dedup).__name__ if self.dedup is not None else "off"
+        guarantee = self.guarantee.value
+        if self.weakened:
+            guarantee += " (weakened: " + "; ".join(self.weakened) + ")"
+        return (f"<{type(self).__name__} {redact(self.url)} guarantee={guarantee} "
+                f"{self._describe()} dedup={dedup}>")
+
+
+def split_settings(settings: Mapping[str, Any], configs: Mapping[str, type[Any]],
+                   fixed: frozenset[str]) -> dict[str, dict[str, Any]]:
+    """Route each keyword to every config class (a dataclass) that has a field of that name."""
+    routed: dict[str, dict[str, Any]] = {name: {} for name in configs}
+    allowed: set[str] = set()
+    for cls in configs.values():
+        allowed |= {f.name for f in dataclasses.fields(cls)} - fixed
+    for key, value in settings.items():
+        if key not in allowed:
+            raise ConfigurationError(
+                f"unknown setting {key!r}; allowed: {', '.join(sorted(allowed))}", field=key
+            )
+        for config_name, cls in configs.items():
+            if key in {f.name for f in dataclasses.fields(cls)}:
+                routed[config_name][key] = value
+    return routed
