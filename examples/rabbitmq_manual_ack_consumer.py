@@ -100,7 +100,7 @@ def main() -> int:
 
     dead = read_dead_letters(queue, stats.dead_lettered)
     for letter in dead:
-        reason = letter.headers.get("x-rm-reason")  # why it was dead-lettered (x-rm-error-type, ... too)
+        reason = letter.header("x-rm-reason")  # why it was dead-lettered (x-rm-error-type, ... too)
         print(f"dead letter {letter.body.decode()} in {letter.queue}: {reason}")
     print(f"summary: handled={stats.processed} retried={stats.retried} dead-lettered={stats.dead_lettered} "
           f"acks={stats.extra['acks']} rejects={stats.extra['rejects']}"
