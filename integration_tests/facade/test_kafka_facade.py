@@ -39,7 +39,7 @@ class TestKafkaFacade(FacadeContract):
                 if msg is None or msg.error():
                     continue
                 headers = {k: (v.decode(errors="replace") if v is not None else None) for k, v in msg.headers() or []}
-                letters.append({"body": msg.value(), "headers": headers})
+                letters.append({"body": msg.value(), "headers": headers, "message_id": headers.get("message-id")})
         finally:
             consumer.close()
         assert len(letters) >= count, f"only {len(letters)} of {count} dead letters in {source}.DLT"

@@ -36,8 +36,7 @@ class TestRabbitMQFacade(FacadeContract):
                     time.sleep(0.1)
                     continue
                 headers = dict(properties.headers or {})
-                headers["message_id"] = properties.message_id
-                letters.append({"body": body, "headers": headers})
+                letters.append({"body": body, "headers": headers, "message_id": properties.message_id})
         finally:
             connection.close()
         assert len(letters) >= count, f"only {len(letters)} of {count} dead letters in {source}.dlq"

@@ -205,7 +205,9 @@ class RabbitMQConsumer:
         """
         with self._lock:
             if self._engine is not None:
-                raise ClosedError("the consumer was already started (a consumer starts once)")
+                if self._done.is_set():
+                    raise ClosedError("the consumer was stopped; create a new one")
+                raise ConfigurationError("the consumer is already running")
             self._engine = ConsumerIO(self)
         engine = self._engine
         self._worker = threading.Thread(target=self._work, name=f"rm-rabbitmq-worker-{self.queue}", daemon=True)
