@@ -43,7 +43,8 @@ from ._base import DEFAULT_LEASE, DEFAULT_TTL, ClaimResult, DedupStore, check_li
 from ._journal import DoneJournal
 from ._memory import ThreadTokens, check_key
 from ._process import INSTANCE_ID_LENGTH, this_process
-from ._sqlite_owners import MARK_DONE_BATCH, OWNERS, OWNERS_SCHEMA, TABLE, OwnerRegistry, dumps
+from ._sqlite_owners import MARK_DONE_BATCH, OWNERS_SCHEMA, TABLE, OwnerRegistry, dumps
+from ._sqlite_writer import CLEANUP_EVERY, WRITE_CLAIMS, SQLiteWriter
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
@@ -83,26 +84,7 @@ _SCHEMA = (
 # A primary-key probe per id, driven by the JSON list (CROSS JOIN keeps that order; "key IN (SELECT
 # value FROM json_each(?1))" builds a temporary index of the ids first, 2.4x as slow).
 _LOOKUP_BATCH = f"SELECT t.key, t.owner, t.expires FROM json_each(?1) AS j CROSS JOIN {TABLE} AS t ON t.key = j.value"
-# Writing claim rows: take a key that is free, whose claim or done record lapsed, that this instance
-# holds already (what it decided in memory stands), or whose owner is not registered (reaped).
-_WRITE_CLAIMS = f"""
-INSERT INTO {TABLE} (key, owner, expires)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
-FROM json_each(?1) WHERE true
-ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires = excluded.expires
-WHERE {TABLE}.expires <= ?2
-   OR substr({TABLE}.owner, 1, {INSTANCE_ID_LENGTH}) = substr(excluded.owner, 1, {INSTANCE_ID_LENGTH})
-   OR ({TABLE}.owner IS NOT NULL AND NOT EXISTS (
-       SELECT 1 FROM {OWNERS} o WHERE o.instance = substr({TABLE}.owner, 1, {INSTANCE_ID_LENGTH})))
-"""
 _RELEASE = f"DELETE FROM {TABLE} WHERE key IN (SELECT value FROM json_each(?1)) AND substr(owner, 1, ?2) = ?3"
-
-# Cleanup: find the key LIMIT keys after the cursor, then delete the expired rows in that key range.
-_SCAN_END = f"SELECT max(key), count(*) FROM (SELECT key FROM {TABLE} WHERE key > ?1 ORDER BY key LIMIT ?2)"
-_DELETE_EXPIRED = f"DELETE FROM {TABLE} WHERE key > ?1 AND key <= ?2 AND expires <= ?3"
-_CLEANUP_EVERY = 2048
-"""Done records written between two cleanup steps (a step looks at two keys per record written: the
-walk covers the table at twice the rate rows are added, so an expired row is gone within ~ttl/2)."""
 
 _SYNCHRONOUS = ("NORMAL", "FULL")
 _WAL_AUTOCHECKPOINT = 10_000
@@ -111,11 +93,7 @@ is 1000): fewer checkpoints, which is where synchronous=NORMAL fsyncs."""
 _JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 _CLOSE_GRACE = 5.0
 """Seconds close() waits for the writer beyond the busy timeout before giving up on it."""
-_RETRY_PAUSE = 0.5
-"""Seconds the writer waits after a failed group commit before trying again."""
-
-
-class SQLiteDedupStore(DedupStore):
+class SQLiteDedupStore(SQLiteWriter, DedupStore):
     """Claims and done records in a SQLite file (WAL mode), shared by threads and processes.
 
     A new instance on the same ``path`` — after a restart, or in another process — sees every
@@ -318,7 +296,7 @@ class SQLiteDedupStore(DedupStore):
         """(In a transaction) write ``key``'s claim row unless a live claim or a done record holds it."""
         claim = json.dumps([[key, token, now + self.lease]], ensure_ascii=False)
         for _ in range(2):
-            if conn.execute(_WRITE_CLAIMS, (claim, now)).rowcount:
+            if conn.execute(WRITE_CLAIMS, (claim, now)).rowcount:
                 return ClaimResult.ACQUIRED
             row = conn.execute(_LOOKUP_BATCH, (dumps([key]),)).fetchone()
             if row is None:
@@ -485,7 +463,7 @@ class SQLiteDedupStore(DedupStore):
             with self._mutex:
                 self._claimed.pop(key, None)
             self._writes += 1
-            if self._writes >= _CLEANUP_EVERY:
+            if self._writes >= CLEANUP_EVERY:
                 self._cleanup(conn, now, 2 * self._writes)
                 self._writes = 0
 
@@ -527,120 +505,6 @@ class SQLiteDedupStore(DedupStore):
                 conn.execute(_RELEASE, (dumps(written), INSTANCE_ID_LENGTH, self.instance))
             except sqlite3.Error as exc:
                 raise self._unavailable(exc) from exc
-
-    # -- the writer thread --------------------------------------------------------------------------------
-
-    def _write_loop(self) -> None:
-        state = self._state
-        while True:
-            with state:
-                while True:
-                    now = time.monotonic()
-                    if self._queue or self._fresh or self._aging:
-                        if self._closing or len(self._queue) >= self.group_commit_size:
-                            break
-                        remaining = self._queued_at + self.group_commit_interval - now
-                    elif self._closing:
-                        return
-                    else:
-                        remaining = self._beat_due - now
-                    if remaining <= 0:
-                        break
-                    state.wait(remaining)
-            try:
-                self._group_commit()
-            except Exception as exc:  # noqa: BLE001 - a failing disk or a locked file: keep the records, retry
-                logger.warning("SQLite dedup store %s: could not write done records (%s: %s); they stay in the "
-                               "journal and are written later", self.path, type(exc).__name__, exc)
-                with state:
-                    if self._closing:
-                        return
-                time.sleep(_RETRY_PAUSE)
-
-    def _group_commit(self) -> None:
-        with self._lock:  # before the snapshot: a release() either drops its claim first or deletes after us
-            conn = self._connection()
-            with self._mutex:
-                keys, self._queue = self._queue, []
-                claimed = self._claimed
-                claims = []
-                for key in self._aging:
-                    entry = claimed.get(key)
-                    if entry is not None and not entry[2]:  # still claimed, not done nor released
-                        entry[2] = True
-                        claims.append([*entry[:2], key])
-                self._aging = {key for key in self._fresh if key in claimed}
-                self._fresh = set()
-                self._queued_at = time.monotonic() if (self._aging or self._queue) else 0.0
-                journal = self._journal
-                if journal is not None and journal.full:
-                    # Every key of the old segment is in `keys` or in the file: delete it after this commit.
-                    self._retired.append(journal.rotate())
-            now = self._clock()
-            beat = time.monotonic() >= self._beat_due
-
-            def write() -> None:
-                self._before_group_commit()
-                if claims:
-                    changed = conn.execute(_WRITE_CLAIMS, (_claims_json(claims), now)).rowcount
-                    if changed < len(claims):
-                        self._conflicts += len(claims) - changed
-                        logger.warning("SQLite dedup store %s: %d claims were already taken by another process "
-                                       "(claims reach the file with the group commit; use RedisDedupStore for "
-                                       "consumers racing on the same ids)", self.path, len(claims) - changed)
-                if keys:
-                    conn.execute(MARK_DONE_BATCH, (dumps(keys), now + self.ttl))
-                if beat:
-                    self._owners.beat(conn)
-
-            try:
-                self._transaction(conn, write)
-            except BaseException:
-                with self._mutex:
-                    self._queue[:0] = keys  # written later; they stay in the journal meanwhile
-                    if keys and not self._queued_at:
-                        self._queued_at = time.monotonic()
-                raise
-            if beat:
-                self._beat_due = time.monotonic() + self.liveness / 5
-            self._writes += len(keys)
-            if self._writes >= _CLEANUP_EVERY:
-                self._cleanup(conn, now, 2 * self._writes)
-                self._writes = 0
-            with self._mutex:
-                pending = self._pending
-                for key in keys:
-                    pending.pop(key, None)
-                retired, self._retired = self._retired, []
-                self._state.notify_all()  # a mark_done waiting for room
-        for segment in retired:
-            with contextlib.suppress(FileNotFoundError):
-                segment.unlink()
-
-    def _before_group_commit(self) -> None:
-        """Called by the writer at the start of each group commit's transaction. A seam for tests."""
-
-    # -- cleanup ------------------------------------------------------------------------------------------
-
-    def cleanup(self) -> int:
-        """Run one cleanup step now (the writer runs them by itself); return rows deleted."""
-        with self._lock:
-            return self._cleanup(self._connection(), self._clock(), 512)
-
-    def _cleanup(self, conn: sqlite3.Connection, now: float, limit: int) -> int:
-        """Delete the expired rows among the next ``limit`` keys after the cursor (_lock held); a failure
-        is logged and left to the next step."""
-        try:
-            last, count = conn.execute(_SCAN_END, (self._cleanup_after, limit)).fetchone()
-            deleted: int = 0
-            if count:
-                deleted = conn.execute(_DELETE_EXPIRED, (self._cleanup_after, last, now)).rowcount
-            self._cleanup_after = last if count == limit else ""
-        except sqlite3.Error as exc:
-            logger.warning("SQLite dedup store %s: cleanup of expired records failed (%s); retried later",
-                           self.path, exc)
-            return 0
-        return deleted
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -731,12 +595,6 @@ class SQLiteDedupStore(DedupStore):
                                "opening the file takes over", self.path, exc)
             finally:
                 conn.close()
-
-
-def _claims_json(claims: list[list[Any]]) -> str:
-    """[[key, token, expires], ...] for _WRITE_CLAIMS (entries are [token, expires, key])."""
-    rows = [[key, token, expires] for token, expires, key in claims]
-    return json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
 
 
 def _check_key(key: object) -> None:
