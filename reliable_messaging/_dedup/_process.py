@@ -44,9 +44,6 @@ class ProcessIdentity:
     """The process's start time in clock ticks since boot (``/proc/<pid>/stat``; '' where unknown):
     a pid reused by another process has another start time."""
 
-    def describe(self) -> str:
-        return f"pid {self.pid} on {self.host}"
-
 
 def _read(path: str) -> str:
     try:

@@ -190,7 +190,6 @@ class SQLiteDedupStore(SQLiteWriter, DedupStore):
         self._retired: list[Path] = []  # journal segments whose keys are all queued or in the file
         self._closing = False
         self._writes = 0
-        self._conflicts = 0
         self._cleanup_after = ""
         self._beat_due = 0.0
         self._writer: threading.Thread | None = None

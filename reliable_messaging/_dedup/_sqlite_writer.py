@@ -74,7 +74,6 @@ class SQLiteWriter:
     _retired: list[Path]
     _closing: bool
     _writes: int
-    _conflicts: int
     _cleanup_after: str
     _beat_due: float
     _journal: DoneJournal | None
@@ -142,7 +141,6 @@ class SQLiteWriter:
                 if claims:
                     changed = conn.execute(WRITE_CLAIMS, (_claims_json(claims), now)).rowcount
                     if changed < len(claims):
-                        self._conflicts += len(claims) - changed
                         logger.warning("SQLite dedup store %s: %d claims were already taken by another process "
                                        "(claims reach the file with the group commit; use RedisDedupStore for "
                                        "consumers racing on the same ids)", self.path, len(claims) - changed)

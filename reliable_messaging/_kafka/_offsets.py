@@ -95,14 +95,6 @@ class OffsetTracker:
             if part is not None and (part.committed is None or position > part.committed):
                 part.committed = position
 
-    def lag(self) -> int:
-        """Offsets processed but not committed, summed over partitions (an upper bound on messages)."""
-        total = 0
-        for part in self._partitions.values():
-            if part.position is not None:
-                total += part.position - (part.committed if part.committed is not None else part.position)
-        return total
-
     def forget(self, tps: Iterable[TopicPartitionKey]) -> None:
         """Drop partitions that were revoked or lost."""
         for tp in tps:

@@ -376,8 +376,3 @@ def _map(exc: BaseException, what: str) -> ReliableMessagingError:
     if isinstance(exc, pika.exceptions.AMQPError | OSError | ReliableMessagingError):
         return map_pika_error(exc, what=what)
     return BrokerUnavailable(f"{what}: {exc!r}")
-
-
-def describe(exc: Any) -> str:
-    """A one-line description of a pika close reason."""
-    return f"{type(exc).__name__}: {exc}"
