@@ -177,3 +177,16 @@ def test_the_readme_override_examples_run_as_written() -> None:
     assert opened[2].weakened, "acks=1 weakens at-least-once"
     for broker in opened:
         broker.close()
+
+
+def test_an_unreachable_kafka_fails_the_futures_not_the_call() -> None:
+    with connect("kafka://127.0.0.1:1", connect_timeout=2.0) as broker:
+        import time
+
+        began = time.monotonic()
+        future = broker.publish("orders", b"x")
+        assert time.monotonic() - began < 0.5, "publish() waited for the broker"
+        with pytest.raises(rm.BrokerUnavailable, match="not sent"):
+            future.result(timeout=15)
+        assert broker.stats().publisher.failures["unavailable"] == 1
+        assert broker.ping(1) is False

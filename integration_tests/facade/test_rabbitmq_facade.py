@@ -8,6 +8,7 @@ from typing import Any
 import pika
 import pytest
 
+import reliable_messaging as rm
 from reliable_messaging import Broker
 from reliable_messaging.testing import RabbitMQEndpoint
 
@@ -48,3 +49,70 @@ class TestRabbitMQFacade(FacadeContract):
     def publish_to_two_places(self, broker: Broker, source: str, message_id: str, body: bytes) -> None:
         for _ in range(2):
             broker.publish(source, body, message_id=message_id).result(timeout=30)
+
+
+# -- publish() never raises for broker trouble, and never waits on the network ------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_an_unreachable_broker_fails_the_futures_not_the_call() -> None:
+    with rm.connect("amqp://guest:guest@127.0.0.1:1/%2F", connect_timeout=2.0) as broker:
+        began = time.monotonic()
+        future = broker.publish("orders", b"x")
+        assert time.monotonic() - began < 0.5, "publish() waited for the connection"
+        with pytest.raises(rm.BrokerUnavailable, match=r"127\.0\.0\.1:1 within connect_timeout=2\.0s.*not sent"):
+            future.result(timeout=15)
+        assert 1.5 < time.monotonic() - began < 10
+        began = time.monotonic()
+        later = broker.publish("orders", b"y")
+        assert isinstance(later.exception(timeout=1), rm.BrokerUnavailable), "fails at once while unreachable"
+        assert broker.stats().publisher.failures["unavailable"] == 2
+        assert broker.ping(2) is False
+
+
+@pytest.mark.timeout(60)
+def test_refused_credentials_fail_the_futures_without_the_password(rabbitmq_endpoint: RabbitMQEndpoint) -> None:
+    url = rabbitmq_endpoint.url.replace("guest:guest@", "guest:wrong-secret@")
+    with rm.connect(url, connect_timeout=5.0) as broker:
+        future = broker.publish("orders", b"x")
+        error = future.exception(timeout=30)
+        assert isinstance(error, rm.ReliableMessagingError), error
+        assert "wrong-secret" not in str(error) and "wrong-secret" not in repr(broker)
+
+
+@pytest.mark.timeout(60)
+def test_a_destination_existing_as_another_exchange_type_fails_its_futures_only(
+        rabbitmq_endpoint: RabbitMQEndpoint, unique_name: str) -> None:
+    clash, fine = f"{unique_name}-direct", f"{unique_name}-fine"
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_endpoint.url))
+    connection.channel().exchange_declare(clash, "direct", durable=True)
+    connection.close()
+    with rm.connect(rabbitmq_endpoint.url) as broker:
+        broker.declare(fine, source=fine)
+        failed = broker.publish(clash, b"x").exception(timeout=30)
+        assert isinstance(failed, rm.DeliveryFailed) and "inequivalent" in str(failed), failed
+        assert isinstance(broker.publish(clash, b"y").exception(timeout=30), rm.DeliveryFailed), "and from now on"
+        assert broker.publish(fine, b"z").result(timeout=30).destination == fine, "other destinations go on"
+        broker.delete(fine, source=fine)
+        broker.delete(clash)
+
+
+@pytest.mark.timeout(60)
+def test_publishing_first_then_consuming_through_a_declared_binding(
+        rabbitmq_endpoint: RabbitMQEndpoint, unique_name: str) -> None:
+    """declare(): a source bound to a destination by a pattern, before anyone publishes or consumes."""
+    source = f"{unique_name}-eu"
+    with rm.connect(rabbitmq_endpoint.url) as broker:
+        broker.declare(unique_name, source=source, pattern="eu.#")
+        with pytest.raises(rm.Unroutable):  # mandatory: nothing is bound for this key
+            broker.publish(unique_name, b"us order", key="us.ny").result(timeout=30)
+        broker.publish(unique_name, b"eu order", key="eu.fr.paris").result(timeout=30)
+        got: list[bytes] = []
+        consumer = broker.consumer(source, lambda m: got.append(m.body))
+        consumer.start()
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == [b"eu order"]
+        consumer.stop()
+        broker.delete(unique_name, source=source)

@@ -138,7 +138,8 @@ class RabbitMQBroker(Broker):
         return PublisherStats(
             published=s.published, confirmed=confirmed, failed=failed,
             in_flight=max(0, s.published - confirmed - failed), republished=s.republished,
-            failures=failures(nacked=s.nacked, unroutable=s.returned, timeout=s.timed_out, other=s.failed),
+            failures=failures(nacked=s.nacked, unroutable=s.returned, timeout=s.timed_out, unavailable=s.unavailable,
+                              other=s.failed - s.unavailable),
         )
 
     def _close_publisher(self, timeout: float) -> None:

@@ -224,8 +224,11 @@ class RabbitMQPublisher:
                 self._outbox.append(pending)
             engine.stats.published += 1
         if trouble is not None:
+            error = self._trouble(trouble, message_id)
             engine.stats.failed += 1
-            future.set_exception(self._trouble(trouble, message_id))
+            if isinstance(error, BrokerUnavailable):
+                engine.stats.unavailable += 1
+            future.set_exception(error)
             return future
         if engine.wants_wake():
             engine.wake()

@@ -66,7 +66,9 @@ class RabbitMQPublisherStats:
     timed_out: int = 0
     """Futures failed by the delivery deadline, a long connection.blocked, or close()."""
     failed: int = 0
-    """Futures failed otherwise (channel errors, encoding errors, fatal errors)."""
+    """Futures failed otherwise (channel errors, encoding errors, fatal errors, no connection)."""
+    unavailable: int = 0
+    """Of ``failed``: no connection to the broker (none within ``connect_timeout``, or it gave up)."""
     republished: int = 0
     """Publishes sent again after a connection or channel was lost before their confirm."""
     multiple_acks: int = 0
@@ -137,8 +139,7 @@ class PublisherIO(IOThread):
         self._blocked_timeout = config.blocked_timeout
         self._confirms = config.confirms
         # Exchanges registered at run time (declare_exchange): declared on the publishing channel right
-        # before the first message to them (the broker handles a channel's frames in order), and again
-        # with the rest of the topology on every new channel.
+        # before the first message to them on each channel (the broker handles a channel's frames in order).
         self.exchanges: dict[str, RabbitMQExchange] = {}
         self.undeclared: set[str] = set()
         self.refused: dict[str, str] = {}
@@ -163,11 +164,10 @@ class PublisherIO(IOThread):
         self._channel_ready = False
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
-        topology = self.topology or RabbitMQTopology()
-        if self.exchanges:
-            topology = topology + RabbitMQTopology(exchanges=tuple(self.exchanges.values()))
-            self.undeclared.clear()  # declared below, before anything is published on this channel
-        steps = topology.steps()
+        # Exchanges registered at run time are declared again just before their next message on this channel,
+        # not with the set-up topology: a refusal then fails their messages only, not the whole publisher.
+        self.undeclared.update(self.exchanges)
+        steps = self.topology.steps() if self.topology is not None else []
         self._declaring = True
         self._declare(channel, steps, 0)
 
@@ -522,6 +522,7 @@ class PublisherIO(IOThread):
             if not p.done:
                 p.done = True
                 self.stats.failed += 1
+                self.stats.unavailable += 1
                 p.future.set_exception(unreachable_error(error, p.future.message_id))
 
     def refusal(self, exchange: str, message_id: str) -> DeliveryFailed:
