@@ -10,7 +10,9 @@ Fixtures
 ``kafka_endpoint``, ``kafka_cluster``, ``rabbitmq_endpoint``, ``redis_endpoint``
     Session-scoped endpoints (:class:`KafkaEndpoint`, ...).
 ``unique_name``, ``topic``, ``queue_name``, ``group_id``
-    Per-test names: the test's name plus 8 random hex characters.
+    Per-test names: the test's name plus 8 random hex characters. After the test, the Kafka
+    topics and consumer groups containing the name, and the RabbitMQ queues and exchanges
+    derived from it, are deleted from the brokers the test used (see :mod:`._cleanup`).
 ``connection_name``
     The test's node id: name client connections after it to find them in broker logs.
 ``tcp_proxy``
@@ -23,6 +25,7 @@ Fixtures
 
 from __future__ import annotations
 
+import gc
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from . import _cleanup
 from ._endpoints import (
     BrokerNode,
     BrokersUnavailable,
@@ -65,6 +69,44 @@ def _unavailable(exc: Exception) -> None:
     pytest.fail(str(exc), pytrace=False)
 
 
+_RESOLVED = pytest.StashKey[dict[str, KafkaEndpoint | RabbitMQEndpoint]]()
+"""Broker endpoints resolved so far in this session, by fixture name: the ``unique_name`` teardown
+cleans up on these without resolving (and maybe starting) a broker the test never used."""
+
+
+def _remember(config: pytest.Config, fixture: str, endpoint: KafkaEndpoint | RabbitMQEndpoint) -> None:
+    config.stash.setdefault(_RESOLVED, {})[fixture] = endpoint
+
+
+_INCOMPLETE = pytest.StashKey[set[_cleanup.Cleanup]]()
+"""RabbitMQ cleanups a teardown could not finish (a broker still down after a fault test):
+:func:`pytest_sessionfinish` runs them again."""
+
+_KAFKA_NAMES = pytest.StashKey[dict[str, set[str]]]()
+"""Every unique name cleaned up on Kafka in this session, by bootstrap servers: swept again at the end."""
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Finish the broker cleanups of the session's tests (bounded, never fails the run).
+
+    Kafka names are all swept again, not only those whose teardown failed: a client a test left
+    alive can have recreated a deleted topic since (see :mod:`._cleanup`).
+    """
+    stash = session.config.stash
+    kafka = {_cleanup.Cleanup("kafka", bootstrap, frozenset(names))
+             for bootstrap, names in stash.get(_KAFKA_NAMES, {}).items()}
+    incomplete: set[_cleanup.Cleanup] = stash.get(_INCOMPLETE, set())
+    pending = kafka | incomplete
+    if not pending:
+        return
+    gc.collect()  # destroys the clients tests dropped in reference cycles, so they recreate nothing afterwards
+    left = _cleanup.retry(pending)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if left and reporter is not None:  # a log record alone would go unseen at the end of a run
+        reporter.write_line("reliable_messaging: could not delete all test names on the brokers: "
+                            + "; ".join(sorted(str(c) for c in left)), yellow=True)
+
+
 @pytest.fixture(scope="session")
 def _rm_containers() -> Iterator[ContainerPool]:
     pool = ContainerPool()
@@ -73,30 +115,36 @@ def _rm_containers() -> Iterator[ContainerPool]:
 
 
 @pytest.fixture(scope="session")
-def kafka_endpoint(_rm_containers: ContainerPool) -> KafkaEndpoint:
+def kafka_endpoint(_rm_containers: ContainerPool, pytestconfig: pytest.Config) -> KafkaEndpoint:
     try:
-        return resolve_kafka(_rm_containers)
+        endpoint = resolve_kafka(_rm_containers)
     except BrokersUnavailable as exc:
         _unavailable(exc)
         raise
+    _remember(pytestconfig, "kafka_endpoint", endpoint)
+    return endpoint
 
 
 @pytest.fixture(scope="session")
-def kafka_cluster() -> KafkaEndpoint:
+def kafka_cluster(pytestconfig: pytest.Config) -> KafkaEndpoint:
     try:
-        return resolve_kafka_cluster()
+        endpoint = resolve_kafka_cluster()
     except BrokersUnavailable as exc:
         _unavailable(exc)
         raise
+    _remember(pytestconfig, "kafka_cluster", endpoint)
+    return endpoint
 
 
 @pytest.fixture(scope="session")
-def rabbitmq_endpoint(_rm_containers: ContainerPool) -> RabbitMQEndpoint:
+def rabbitmq_endpoint(_rm_containers: ContainerPool, pytestconfig: pytest.Config) -> RabbitMQEndpoint:
     try:
-        return resolve_rabbitmq(_rm_containers)
+        endpoint = resolve_rabbitmq(_rm_containers)
     except BrokersUnavailable as exc:
         _unavailable(exc)
         raise
+    _remember(pytestconfig, "rabbitmq_endpoint", endpoint)
+    return endpoint
 
 
 @pytest.fixture(scope="session")
@@ -112,10 +160,35 @@ def redis_endpoint(_rm_containers: ContainerPool) -> RedisEndpoint:
 
 
 @pytest.fixture
-def unique_name(request: pytest.FixtureRequest) -> str:
-    """``<test name>-<8 hex>``: valid as a Kafka topic, group id and RabbitMQ queue name."""
+def unique_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``<test name>-<8 hex>``: valid as a Kafka topic, group id and RabbitMQ queue name.
+
+    After the test, deletes from the brokers the test used what it created under this name.
+    """
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name).strip("-.")[:80]
-    return f"{base}-{uuid.uuid4().hex[:8]}"
+    name = f"{base}-{uuid.uuid4().hex[:8]}"
+    yield name
+    _delete_broker_names(request, name)
+
+
+def _delete_broker_names(request: pytest.FixtureRequest, name: str) -> None:
+    """Best-effort cleanup of ``name`` on each broker endpoint the test requested (never raises).
+
+    ``request.fixturenames`` also lists endpoints a fixture fetched with ``getfixturevalue``; the
+    endpoint itself comes from the session's record, so nothing is resolved or started here.
+    """
+    stash = request.config.stash
+    resolved = stash.get(_RESOLVED, {})
+    used = [endpoint for fixture, endpoint in resolved.items() if fixture in request.fixturenames]
+    for endpoint in used:
+        if isinstance(endpoint, KafkaEndpoint):
+            # Swept again at the end of the session whatever happens now: no need to track failures.
+            stash.setdefault(_KAFKA_NAMES, {}).setdefault(endpoint.bootstrap_servers, set()).add(name)
+            _cleanup.delete_kafka_names(endpoint.bootstrap_servers, name)
+        else:
+            cleanup = _cleanup.Cleanup("rabbitmq", endpoint.url, frozenset({name}))
+            if not cleanup.run():
+                stash.setdefault(_INCOMPLETE, set()).add(cleanup)
 
 
 @pytest.fixture
@@ -212,7 +285,11 @@ class BrokerFaults:
 
 
 @pytest.fixture
-def broker_faults() -> Iterator[BrokerFaults]:
+def broker_faults(request: pytest.FixtureRequest) -> Iterator[BrokerFaults]:
+    if "unique_name" in request.fixturenames:
+        # Set up unique_name first so that it is torn down last: its broker cleanup then runs
+        # after revive_all() below, against running brokers instead of the ones the test killed.
+        request.getfixturevalue("unique_name")
     faults = BrokerFaults()
     try:
         yield faults
@@ -225,4 +302,5 @@ __all__ = [
     "FaultsUnsupported",
     "ProxiedEndpoint",
     "pytest_configure",
+    "pytest_sessionfinish",
 ]
