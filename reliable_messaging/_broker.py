@@ -37,6 +37,7 @@ from ._errors import ClosedError, ConfigurationError
 from ._handling import ConsumerStats
 from ._log import redact
 from ._message import DeliveryFuture, OutgoingHeaders
+from ._payload import CONTENT_TYPE_HEADER, PayloadDecoder, encode, payload_type, wants_message
 from ._retry import RetryPolicy
 from ._stats import BrokerStats, PublisherStats
 
@@ -108,12 +109,9 @@ class Broker(abc.ABC):
     # -- what a backend implements --------------------------------------------------------------
 
     @abc.abstractmethod
-    def publish(self, destination: str, body: bytes | bytearray | memoryview | str, *,
-                key: str | bytes | None = None, headers: OutgoingHeaders | None = None,
-                message_id: str | None = None) -> DeliveryFuture:
-        """Publish one message; the future resolves when the broker took responsibility for it (per the
-        guarantee: at-most-once futures resolve without a broker acknowledgement). Never blocks on the
-        network; raises only for invalid input or a closed broker."""
+    def _publish(self, destination: str, body: bytes, *, key: str | bytes | None, headers: OutgoingHeaders | None,
+                 message_id: str | None, content_type: str | None) -> DeliveryFuture:
+        """Publish one encoded message (see :meth:`publish`)."""
 
     @abc.abstractmethod
     def flush(self, timeout: float = 30.0) -> bool:
@@ -162,6 +160,26 @@ class Broker(abc.ABC):
 
     # -- the same for every backend -------------------------------------------------------------
 
+    def publish(self, destination: str, body: object, *, key: str | bytes | None = None,
+                headers: OutgoingHeaders | None = None, message_id: str | None = None) -> DeliveryFuture:
+        """Publish one message; the future resolves when the broker took responsibility for it (per the
+        guarantee: at-most-once futures resolve without a broker acknowledgement). Never blocks on the
+        network; raises only for invalid input (:class:`~reliable_messaging.InvalidMessage`) or a closed
+        broker.
+
+        ``body``: bytes (or str, sent as UTF-8), or a value sent as JSON with ``content-type:
+        application/json`` — a pydantic model, a msgspec Struct, a dataclass, a dict, list or number
+        (:mod:`reliable_messaging._payload`).
+        """
+        if body.__class__ is bytes:
+            return self._publish(destination, body, key=key, headers=headers,
+                                 message_id=message_id, content_type=None)
+        data, content_type = encode(body)
+        if content_type is not None:
+            headers = {**(headers or {}), CONTENT_TYPE_HEADER: content_type}
+        return self._publish(destination, data, key=key, headers=headers, message_id=message_id,
+                             content_type=content_type)
+
     def consumer(
         self,
         source: str,
@@ -173,8 +191,14 @@ class Broker(abc.ABC):
         dedup: DedupStore | Any | None = PRESET,
         dedup_key: Callable[[Any], str] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        payload: type | None = None,
     ) -> Consumer:
         """A consumer of ``source`` running ``handler`` (sync or ``async def``); call ``start()`` or ``run()``.
+
+        ``payload`` (or the annotation of the handler's first parameter: a pydantic model, a msgspec
+        Struct, a dataclass): the handler gets the body decoded and validated into that type (and the
+        :class:`~reliable_messaging.Message` as a second argument if it takes one); a body that does not
+        validate is dead-lettered at once, with the field errors in ``x-rm-error-message``.
 
         ``group``: the Kafka consumer group, required there (a shared default would let two services
         split each other's messages); a RabbitMQ queue is shared by its consumers, which ignore it.
@@ -191,6 +215,14 @@ class Broker(abc.ABC):
         store = self.dedup if dedup is PRESET else dedup
         if store is not None and not isinstance(store, DedupStore):
             raise ConfigurationError(f"dedup must be a DedupStore or None, got {type(store).__name__}", field="dedup")
+        if not callable(handler):
+            raise ConfigurationError(f"handler must be callable, got {type(handler).__name__}", field="handler")
+        typed = payload if payload is not None else payload_type(handler)
+        if typed is not None:
+            if decoder is not None:
+                raise ConfigurationError("a consumer takes decoder= or a payload type, not both", field="decoder")
+            decoder = PayloadDecoder(typed)
+            handler = _payload_handler(handler)
         with self._lock:
             if self._closed:
                 raise ClosedError("the broker connection is closed")
@@ -274,6 +306,14 @@ class Broker(abc.ABC):
             guarantee += " (weakened: " + "; ".join(self.weakened) + ")"
         return (f"<{type(self).__name__} {redact(self.url)} guarantee={guarantee} "
                 f"{self._describe()} dedup={dedup}>")
+
+
+def _payload_handler(handler: Callable[..., Any]) -> Callable[[Any], Any]:
+    """The handler the runner calls with a Message, calling ``handler`` with the decoded payload (and the
+    Message, if it takes a second argument)."""
+    if wants_message(handler):
+        return lambda message: handler(message.value, message)
+    return lambda message: handler(message.value)
 
 
 def split_settings(settings: Mapping[str, Any], configs: Mapping[str, type[Any]],

@@ -91,9 +91,8 @@ class KafkaBroker(Broker):
                 producer = self._publisher
         return producer
 
-    def publish(self, destination: str, body: bytes | bytearray | memoryview | str, *,
-                key: str | bytes | None = None, headers: OutgoingHeaders | None = None,
-                message_id: str | None = None) -> DeliveryFuture:
+    def _publish(self, destination: str, body: bytes, *, key: str | bytes | None, headers: OutgoingHeaders | None,
+                 message_id: str | None, content_type: str | None) -> DeliveryFuture:
         return self._producer().publish(destination, body, key=key, headers=headers, message_id=message_id)
 
     def flush(self, timeout: float = 30.0) -> bool:

@@ -30,7 +30,7 @@ from .._broker import Broker, Consumer, Guarantee
 from .._dedup import DedupStore
 from .._errors import ClosedError, ConfigurationError, InvalidMessage, Unroutable
 from .._handling import MessageIdKey
-from .._message import Delivery, DeliveryFuture, OutgoingHeaders, coerce_body, new_message_id
+from .._message import Delivery, DeliveryFuture, OutgoingHeaders, new_message_id
 from .._retry import RetryPolicy
 from .._stats import FailureCounts, PublisherStats
 from ._consumer import MemoryConsumer, dead_letter_queue
@@ -62,10 +62,9 @@ class MemoryBroker(Broker):
         self._failures = FailureCounts()
         self._count_lock = threading.Lock()
 
-    def publish(self, destination: str, body: bytes | bytearray | memoryview | str, *,
-                key: str | bytes | None = None, headers: OutgoingHeaders | None = None,
-                message_id: str | None = None) -> DeliveryFuture:
-        data = coerce_body(body)
+    def _publish(self, destination: str, body: bytes, *, key: str | bytes | None, headers: OutgoingHeaders | None,
+                 message_id: str | None, content_type: str | None) -> DeliveryFuture:
+        data = body
         if not isinstance(destination, str) or not destination:
             raise InvalidMessage(f"destination must be a non-empty name, got {destination!r}")
         if key is not None and not isinstance(key, str | bytes):

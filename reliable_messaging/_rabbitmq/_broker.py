@@ -115,14 +115,13 @@ class RabbitMQBroker(Broker):
                     self._exchanges.add(destination)
         return publisher
 
-    def publish(self, destination: str, body: bytes | bytearray | memoryview | str, *,
-                key: str | bytes | None = None, headers: OutgoingHeaders | None = None,
-                message_id: str | None = None) -> DeliveryFuture:
+    def _publish(self, destination: str, body: bytes, *, key: str | bytes | None, headers: OutgoingHeaders | None,
+                 message_id: str | None, content_type: str | None) -> DeliveryFuture:
         if not isinstance(destination, str) or not destination:
             raise InvalidMessage(f"destination must be a non-empty exchange name, got {destination!r}")
         routing_key = key.decode("utf-8") if isinstance(key, bytes) else (key or "")
         return self._publisher_for(destination).publish(destination, routing_key, body, headers=headers,
-                                                        message_id=message_id)
+                                                        message_id=message_id, content_type=content_type)
 
     def flush(self, timeout: float = 30.0) -> bool:
         publisher = self._publisher

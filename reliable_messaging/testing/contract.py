@@ -451,7 +451,7 @@ class BrokerContract:
         with pytest.raises(rm.ClosedError):
             consumer.start()
         assert consumer.stop(timeout=1) is True, "stopping twice is harmless"
-        for bad in ({"body": {"not": "bytes"}}, {"key": 7}, {"headers": {"h": object()}}, {"message_id": ""}):
+        for bad in ({"body": object()}, {"key": 7}, {"headers": {"h": object()}}, {"message_id": ""}):
             arguments: dict[str, Any] = {"body": b"x", **bad}
             body = arguments.pop("body")
             with pytest.raises(rm.InvalidMessage):
@@ -459,3 +459,51 @@ class BrokerContract:
         with pytest.raises(rm.ConfigurationError):
             broker.consumer("", Recorder())
         assert isinstance(broker.flush(1), bool) and isinstance(broker.ping(10), bool)
+
+    # -- typed payloads -------------------------------------------------------------------------------
+
+    @pytest.mark.timeout(90)
+    def test_typed_payloads_round_trip_and_an_invalid_one_is_dead_lettered_at_once(
+        self, broker: Broker, url: str, unique_name: str
+    ) -> None:
+        import dataclasses
+
+        import msgspec
+        import pydantic
+
+        class Order(pydantic.BaseModel):
+            id: int
+            item: str
+            qty: int
+
+        class Line(msgspec.Struct):
+            sku: str
+            qty: int
+
+        @dataclasses.dataclass
+        class Note:
+            text: str
+
+        orders: list[tuple[Order, Message]] = []
+        others: list[Any] = []
+        self.started(broker, unique_name, lambda order, message: orders.append((order, message)), payload=Order)
+        self.started(broker, f"{unique_name}-lines", lambda line: others.append(line), payload=Line)
+        self.started(broker, f"{unique_name}-notes", lambda note: others.append(note), payload=Note)
+        broker.publish(unique_name, Order(id=1, item="book", qty=2), key="customer-1").result(timeout=30)
+        broker.publish(unique_name, {"id": 2, "item": "pen", "qty": "a dozen"}).result(timeout=30)  # invalid
+        broker.publish(unique_name, {"id": 3, "item": "ink", "qty": 1}).result(timeout=30)  # a dict is JSON too
+        broker.publish(f"{unique_name}-lines", Line(sku="s-1", qty=5)).result(timeout=30)
+        broker.publish(f"{unique_name}-notes", Note(text="hello")).result(timeout=30)
+        wait_for(lambda: len(orders) == 2 and len(others) == 2, 60, "the valid payloads")
+        assert [order for order, _ in orders] == [Order(id=1, item="book", qty=2), Order(id=3, item="ink", qty=1)]
+        assert orders[0][1].key == b"customer-1", "the Message stays reachable"
+        assert orders[0][1].header("content-type") == "application/json"
+        assert sorted(map(repr, others)) == sorted([repr(Line(sku="s-1", qty=5)), repr(Note(text="hello"))])
+        (letter,) = self.read_dead_letters(url, unique_name, 1)
+        headers = letter["headers"]
+        assert headers["x-rm-error-type"] == "reliable_messaging._payload.InvalidPayload"
+        assert "qty" in headers["x-rm-error-message"] and "a dozen" not in headers["x-rm-error-message"], \
+            "the field path, not the payload's value"
+        assert str(headers["x-rm-attempt"]) == "1", "no retry makes an invalid payload valid"
+        with pytest.raises(rm.InvalidMessage):
+            broker.publish(unique_name, object())  # not encodable: fails at the call
