@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Protocol
 
 from ._dedup import DedupStore
+from ._dispatch import Concurrency, is_async
 from ._errors import ClosedError, ConfigurationError
 from ._handling import ConsumerStats
 from ._log import redact
@@ -69,9 +70,13 @@ class Consumer(Protocol):
     @property
     def running(self) -> bool: ...
 
-    def start(self) -> Any: ...
+    def start(self) -> Any:
+        """Start consuming in the background; returns the consumer (awaitable inside a running event loop:
+        ``await consumer.start()`` waits until it consumes, without blocking the loop)."""
 
-    def stop(self, timeout: float = 30.0) -> bool: ...
+    def stop(self, timeout: float = 30.0) -> Any:
+        """Stop: finish the handlers in progress, acknowledge/commit, close; True once closed, False if
+        handlers still ran at ``timeout``. Inside a running event loop: an awaitable of that bool."""
 
     def run(self) -> None: ...
 
@@ -120,7 +125,8 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str | None, retry: RetryPolicy,
                   decoder: Callable[[bytes], Any] | None, dedup: DedupStore | None,
-                  dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None) -> Consumer:
+                  dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None,
+                  concurrency: Concurrency) -> Consumer:
         """Build (not start) a consumer; the arguments are validated."""
 
     @abc.abstractmethod
@@ -192,6 +198,10 @@ class Broker(abc.ABC):
         dedup_key: Callable[[Any], str] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         payload: type | None = None,
+        concurrency: int = 1,
+        ordering: str | None = None,
+        handler_timeout: float | None = None,
+        drain_timeout: float = 30.0,
     ) -> Consumer:
         """A consumer of ``source`` running ``handler`` (sync or ``async def``); call ``start()`` or ``run()``.
 
@@ -199,6 +209,14 @@ class Broker(abc.ABC):
         Struct, a dataclass): the handler gets the body decoded and validated into that type (and the
         :class:`~reliable_messaging.Message` as a second argument if it takes one); a body that does not
         validate is dead-lettered at once, with the field errors in ``x-rm-error-message``.
+
+        ``concurrency``: handlers running at once (``async def`` handlers as tasks on one event loop, plain
+        functions on a pool of threads). ``ordering``: ``"key"`` (the default when ``concurrency > 1``) runs
+        the messages of one key one at a time, in arrival order, and different keys side by side (keyless
+        messages: by partition on Kafka, in any order on RabbitMQ); ``"partition"`` one partition (queue) at a
+        time; ``"none"``: any order. ``handler_timeout``: a handler running longer counts as a failed attempt
+        (the retry policy decides); its late result is ignored. ``drain_timeout``: how long stopping (or a
+        Kafka rebalance) waits for the handlers in progress.
 
         ``group``: the Kafka consumer group, required there (a shared default would let two services
         split each other's messages); a RabbitMQ queue is shared by its consumers, which ignore it.
@@ -217,6 +235,7 @@ class Broker(abc.ABC):
             raise ConfigurationError(f"dedup must be a DedupStore or None, got {type(store).__name__}", field="dedup")
         if not callable(handler):
             raise ConfigurationError(f"handler must be callable, got {type(handler).__name__}", field="handler")
+        mode = Concurrency.check(concurrency, ordering, handler_timeout, drain_timeout)
         typed = payload if payload is not None else payload_type(handler)
         if typed is not None:
             if decoder is not None:
@@ -227,7 +246,7 @@ class Broker(abc.ABC):
             if self._closed:
                 raise ClosedError("the broker connection is closed")
             consumer = self._consumer(source, handler, group=group, retry=retry or self.retry, decoder=decoder,
-                                      dedup=store, dedup_key=dedup_key, loop=loop)
+                                      dedup=store, dedup_key=dedup_key, loop=loop, concurrency=mode)
             name = f"{group}/{source}" if group and self._groups_matter() else source
             unique, n = name, 1
             while unique in self._consumers:
@@ -310,8 +329,14 @@ class Broker(abc.ABC):
 
 def _payload_handler(handler: Callable[..., Any]) -> Callable[[Any], Any]:
     """The handler the runner calls with a Message, calling ``handler`` with the decoded payload (and the
-    Message, if it takes a second argument)."""
-    if wants_message(handler):
+    Message, if it takes a second argument); an ``async def`` handler stays one."""
+    both = wants_message(handler)
+    if is_async(handler):
+        async def call_async(message: Any) -> Any:
+            return await (handler(message.value, message) if both else handler(message.value))
+
+        return call_async
+    if both:
         return lambda message: handler(message.value, message)
     return lambda message: handler(message.value)
 

@@ -23,6 +23,7 @@ Tree::
     │       └── NotEnoughReplicas     fewer in-sync replicas than min.insync.replicas (acks=all)
     ├── ConsumerCancelled             the broker cancelled the consumer (e.g. its queue was deleted)
     ├── HandlerAborted                a handler raised SystemExit/KeyboardInterrupt/...: the consumer stopped
+    ├── HandlerTimeout                a handler ran longer than handler_timeout: a failed attempt
     └── ProcessingSignal              raised *by handlers* to choose what happens to a message
         ├── Retry                     process it again later (optional delay)
         └── Reject                    dead-letter it now, with a reason
@@ -43,6 +44,7 @@ __all__ = [
     "DeliveryFailed",
     "DeliveryTimeout",
     "HandlerAborted",
+    "HandlerTimeout",
     "InvalidMessage",
     "MessageTooLarge",
     "Nacked",
@@ -192,6 +194,11 @@ class HandlerAborted(ReliableMessagingError):
     """A handler raised a ``BaseException`` that is not an ``Exception`` (``SystemExit``,
     ``KeyboardInterrupt``, ``GeneratorExit``): the consumer stopped without acknowledging that
     message, which the broker delivers again. The original exception is ``__cause__``."""
+
+
+class HandlerTimeout(ReliableMessagingError):
+    """A handler ran longer than the consumer's ``handler_timeout``: counted as a failed attempt (the retry
+    policy decides), its late result ignored."""
 
 
 class ProcessingSignal(ReliableMessagingError):

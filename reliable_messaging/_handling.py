@@ -28,11 +28,13 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from ._dedup._base import ClaimResult, DedupStore
-from ._errors import Reject, Retry, StoreUnavailable
+from ._errors import HandlerTimeout, Reject, Retry, StoreUnavailable
 from ._message import DEFERRALS_HEADER, Message, header_count
 from ._retry import RetryPolicy
 
@@ -82,8 +84,8 @@ DEDUPLICATED = Outcome(Disposition.ACK, deduplicated=True)
 class ConsumerStats:
     """Counters of one consumer, for logs, tests and benchmarks.
 
-    Updated by the consumer's own thread only; readers see a consistent-enough
-    snapshot (each field is a plain int).
+    Updated by the consumer's threads (under a lock when handlers run concurrently); readers see a
+    consistent-enough snapshot (each field is a plain int).
     """
 
     processed: int = 0
@@ -108,8 +110,9 @@ class HandlerRunner(Generic[M]):
     """Runs a handler on one message and decides its :class:`Outcome`.
 
     Owns decoding, deduplication (claim, run, mark done / release), sync and
-    ``async def`` handlers, and the retry decision. Thread-confined: one
-    consumer thread calls it.
+    ``async def`` handlers, and the retry decision. One consumer thread calls it, or, made with
+    ``concurrent=True``, the threads and tasks of a :mod:`.._dispatch` dispatcher (:meth:`invoke`,
+    :meth:`ainvoke` and the counters are then safe to call at once; the batch :meth:`claim` is not used).
 
     With a dedup store, a consumer that receives messages in batches (a Kafka fetch,
     the RabbitMQ deliveries waiting) calls :meth:`claim` with the batch first (one
@@ -133,9 +136,13 @@ class HandlerRunner(Generic[M]):
         dedup: DedupStore | None = None,
         dedup_key: Callable[[M], str] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        concurrent: bool = False,
+        handler_timeout: float | None = None,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+        self.handler_timeout = handler_timeout
+        self._stats_lock: threading.Lock | None = threading.Lock() if concurrent else None
         self.handler = handler
         self.retry = retry
         self.decoder = decoder
@@ -145,6 +152,7 @@ class HandlerRunner(Generic[M]):
         self._claimed: dict[str, ClaimResult] = {}  # claims of the current batch, not yet invoked
         self._loop = loop
         self._own_loop_thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
         self._warned_no_key = False
 
     # -- decoding -------------------------------------------------------------------------------
@@ -156,8 +164,8 @@ class HandlerRunner(Generic[M]):
         try:
             return self.decoder(body), None
         except Exception as exc:  # noqa: BLE001 - any decoder failure means the bytes are undecodable
-            self.stats.undecodable += 1
-            self.stats.dead_lettered += 1
+            self._count("undecodable")
+            self._count("dead_lettered")
             logger.warning("undecodable message (%s: %s): dead-lettering it", type(exc).__name__, exc)
             return None, Outcome(
                 Disposition.DEAD_LETTER, reason=f"undecodable: {type(exc).__name__}: {exc}", error=exc
@@ -202,57 +210,146 @@ class HandlerRunner(Generic[M]):
 
         A ``BaseException`` from the handler (``SystemExit``, ``KeyboardInterrupt``) releases the
         message's claim and propagates: the consumer stops without acknowledging the message.
+        Thread-safe when the runner was made for concurrent use (``concurrent=True``).
         """
-        key = ""
-        dedup = self.dedup
-        if dedup is not None:
-            key = self.dedup_key(message)
-            if not key:
-                if not self._warned_no_key:
-                    logger.warning("message without a message id from %s: processed without deduplication",
-                                   message.source)
-                    self._warned_no_key = True
-            else:
-                claim = self._claimed.pop(key, None)
-                if claim is None:
-                    try:
-                        claim = dedup.claim(key)
-                    except StoreUnavailable as exc:
-                        logger.warning("dedup store unavailable (%s): message %s handed back", exc, key)
-                        logger.debug("dedup store failure", exc_info=exc)
-                        return self._bounce(message, f"dedup store unavailable: {exc}", exc)
-                if claim is _DONE:
-                    self.stats.deduplicated += 1
-                    return DEDUPLICATED
-                if claim is _IN_PROGRESS:
-                    return self._bounce(message, "claimed by another consumer", None)
+        key, early = self._begin(message)
+        if early is not None:
+            return early
         try:
             self._call(message)
         except Exception as exc:  # noqa: BLE001 - every handler failure is an outcome, decided below
-            if key:
-                self._release(key)
-            return self._failed(message, exc)
+            return self._end_failed(key, message, exc)
         except BaseException:
             if key:
                 self._release(key)
             raise
+        return self._end_ok(key)
+
+    async def ainvoke(self, message: M) -> Outcome:
+        """:meth:`invoke` on the event loop (an ``async def`` handler awaited here, within ``handler_timeout``).
+
+        The dedup store's calls are quick and run inline."""
+        key, early = self._begin(message)
+        if early is not None:
+            return early
+        try:
+            result = self.handler(message)
+            if inspect.isawaitable(result):
+                if self.handler_timeout is None:
+                    await result
+                else:
+                    try:
+                        await asyncio.wait_for(_await(result), self.handler_timeout)
+                    except asyncio.TimeoutError:
+                        raise HandlerTimeout(f"the handler ran longer than handler_timeout="
+                                             f"{self.handler_timeout}s; it was cancelled") from None
+        except Exception as exc:  # noqa: BLE001 - every handler failure is an outcome, decided below
+            return self._end_failed(key, message, exc)
+        except BaseException:
+            if key:
+                self._release(key)
+            raise
+        return self._end_ok(key)
+
+    def _begin(self, message: M) -> tuple[str, Outcome | None]:
+        """Claim ``message``'s dedup key: ``(key, None)`` to run the handler, or the outcome without it."""
+        dedup = self.dedup
+        if dedup is None:
+            return "", None
+        key = self.dedup_key(message)
+        if not key:
+            if not self._warned_no_key:
+                logger.warning("message without a message id from %s: processed without deduplication",
+                               message.source)
+                self._warned_no_key = True
+            return "", None
+        claim = self._claimed.pop(key, None)
+        if claim is None:
+            try:
+                claim = dedup.claim(key)
+            except StoreUnavailable as exc:
+                logger.warning("dedup store unavailable (%s): message %s handed back", exc, key)
+                logger.debug("dedup store failure", exc_info=exc)
+                return key, self._bounce(message, f"dedup store unavailable: {exc}", exc)
+        if claim is _DONE:
+            self._count("deduplicated")
+            return key, DEDUPLICATED
+        if claim is _IN_PROGRESS:
+            return key, self._bounce(message, "claimed by another consumer", None)
+        return key, None
+
+    def _end_ok(self, key: str) -> Outcome:
         if key:
             try:
-                dedup.mark_done(key)  # type: ignore[union-attr]
+                self.dedup.mark_done(key)  # type: ignore[union-attr]
             except StoreUnavailable as exc:
                 # The work is done; acknowledging is right. Only a later duplicate may run again.
                 logger.warning("could not record message %s as done (%s); a duplicate would be reprocessed",
                                key, exc)
-        self.stats.processed += 1
+        lock = self._stats_lock
+        if lock is None:
+            self.stats.processed += 1
+        else:
+            with lock:
+                self.stats.processed += 1
         return ACKED
 
+    def _end_failed(self, key: str, message: M, exc: Exception) -> Outcome:
+        if key:
+            self._release(key)
+        return self._failed(message, exc)
+
+    def _count(self, name: str, by: int = 1) -> None:
+        """Add to a stats counter (under a lock when handlers run concurrently)."""
+        lock = self._stats_lock
+        if lock is None:
+            setattr(self.stats, name, getattr(self.stats, name) + by)
+        else:
+            with lock:
+                setattr(self.stats, name, getattr(self.stats, name) + by)
+
     def _call(self, message: M) -> None:
+        if self.handler_timeout is not None:
+            self._call_within(message, self.handler_timeout)
+            return
         result = self.handler(message)
         if result is None:  # the common case for sync handlers: skip the awaitable check
             return
         if inspect.isawaitable(result):
-            future = asyncio.run_coroutine_threadsafe(_await(result), self._event_loop())
+            future = asyncio.run_coroutine_threadsafe(_await(result), self.event_loop())
             future.result()
+
+    def _call_within(self, message: M, timeout: float) -> None:
+        """Run the handler on a thread of its own and wait at most ``timeout`` seconds for it.
+
+        A plain function cannot be stopped from outside: past the timeout it is left running on its thread
+        (a WARNING says so) and counts as a failed attempt; what it does afterwards is ignored. A coroutine
+        is cancelled.
+        """
+        outcome: Future[Any] = Future()
+
+        def call() -> None:
+            try:
+                result = self.handler(message)
+                if inspect.isawaitable(result):
+                    result = asyncio.run_coroutine_threadsafe(_await(result), self.event_loop())
+                    try:
+                        result = result.result(timeout)
+                    except FutureTimeout:
+                        result.cancel()
+                        raise
+                outcome.set_result(result)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                outcome.set_exception(exc)
+
+        threading.Thread(target=call, name="rm-handler", daemon=True).start()
+        try:
+            outcome.result(timeout)
+        except FutureTimeout:
+            logger.warning("message %s: the handler ran longer than handler_timeout=%ss; counted as a failed "
+                           "attempt (the handler goes on running, and its result is ignored)",
+                           message.message_id, timeout)
+            raise HandlerTimeout(f"the handler ran longer than handler_timeout={timeout}s") from None
 
     def _release(self, key: str) -> None:
         assert self.dedup is not None
@@ -265,8 +362,8 @@ class HandlerRunner(Generic[M]):
         """Hand the message back without running it: each deferral waits longer (the retry policy's
         backoff by the number of deferrals so far), so a message held by a slow live consumer is
         copied a handful of times over its lease, not hundreds."""
-        self.stats.retried += 1
-        self.stats.bounced += 1
+        self._count("retried")
+        self._count("bounced")
         deferrals = header_count(message.headers.get(DEFERRALS_HEADER))
         return Outcome(
             Disposition.RETRY,
@@ -277,11 +374,11 @@ class HandlerRunner(Generic[M]):
         )
 
     def _failed(self, message: M, exc: Exception) -> Outcome:
-        self.stats.failed += 1
+        self._count("failed")
         attempt = message.attempt
         if isinstance(exc, Reject):
             logger.warning("message %s rejected by handler: %s", message.message_id, exc.reason)
-            self.stats.dead_lettered += 1
+            self._count("dead_lettered")
             return Outcome(Disposition.DEAD_LETTER, reason=exc.reason, error=exc)
         description = f"{type(exc).__name__}: {exc}"
         if self.retry.exhausted(attempt):
@@ -290,7 +387,7 @@ class HandlerRunner(Generic[M]):
                 message.message_id, attempt, self.retry.max_attempts, description,
             )
             logger.debug("handler failure", exc_info=exc)
-            self.stats.dead_lettered += 1
+            self._count("dead_lettered")
             return Outcome(
                 Disposition.DEAD_LETTER,
                 reason=f"retries exhausted after {attempt} attempts: {description}",
@@ -302,18 +399,21 @@ class HandlerRunner(Generic[M]):
             message.message_id, attempt, self.retry.max_attempts, description, delay,
         )
         logger.debug("handler failure", exc_info=exc)
-        self.stats.retried += 1
+        self._count("retried")
         return Outcome(Disposition.RETRY, delay=delay, reason=description, error=exc)
 
     # -- async support --------------------------------------------------------------------------
 
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, name="reliable-messaging-handlers", daemon=True)
-            thread.start()
-            self._loop, self._own_loop_thread = loop, thread
-        return self._loop
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop ``async def`` handlers run on: the one given, or a private one started on first use."""
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="reliable-messaging-handlers",
+                                          daemon=True)
+                thread.start()
+                self._loop, self._own_loop_thread = loop, thread
+            return self._loop
 
     def close(self) -> None:
         """Stop the private event loop, if one was started."""

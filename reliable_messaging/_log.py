@@ -57,6 +57,15 @@ _installed: dict[str, RepeatFilter] = {}
 _install_lock = threading.Lock()
 
 
+def forget_repeats() -> None:
+    """Forget what every :class:`RepeatFilter` saw (tests that count log lines start from here)."""
+    with _install_lock:
+        filters = list(_installed.values())
+    for repeat_filter in filters:
+        with repeat_filter._lock:
+            repeat_filter._last.clear()
+
+
 def limit_repeats(logger: logging.Logger) -> logging.Logger:
     """Add one :class:`RepeatFilter` to ``logger`` (idempotent); returns the logger."""
     with _install_lock:

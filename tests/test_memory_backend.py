@@ -19,6 +19,10 @@ class TestMemoryBackend(BrokerContract):
         return f"memory://{unique_name}"
 
 
+class TestMemoryBackendConcurrent(TestMemoryBackend):
+    consumer_settings = {"concurrency": 16}  # noqa: RUF012
+
+
 def test_brokers_on_one_name_share_messages_and_other_names_do_not(unique_name: str) -> None:
     recorder = Recorder()
     with rm.connect(f"memory://{unique_name}") as service, rm.connect(f"memory://{unique_name}") as client, \

@@ -78,3 +78,12 @@ class TestKafkaFacade(FacadeContract):
             return sum(max(tp.offset, 0) for tp in offsets)
         finally:
             consumer.close()
+
+
+class TestKafkaFacadeConcurrent(TestKafkaFacade):
+    """The same contract with 16 handlers at once (the crash test's consumer process runs one at a time)."""
+
+    consumer_settings = {"concurrency": 16}  # noqa: RUF012
+    test_redelivered_after_a_crash_between_done_and_ack_is_processed_once = None  # type: ignore[assignment]
+
+

@@ -19,6 +19,7 @@ from typing import Any
 
 from .._broker import Broker, Consumer, Guarantee, split_settings
 from .._dedup import DedupStore
+from .._dispatch import Concurrency
 from .._errors import ClosedError, ConfigurationError
 from .._handling import MessageIdKey
 from .._log import redact
@@ -111,7 +112,8 @@ class KafkaBroker(Broker):
 
     def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str | None, retry: RetryPolicy,
                   decoder: Callable[[bytes], Any] | None, dedup: DedupStore | None,
-                  dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None) -> Consumer:
+                  dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None,
+                  concurrency: Concurrency) -> Consumer:
         if group is None:
             raise ConfigurationError(
                 "a Kafka consumer needs group=<consumer group> (got None): consumers of one group split a "
@@ -120,7 +122,7 @@ class KafkaBroker(Broker):
                                      **self._consumer_settings)
         key = dedup_key or MessageIdKey(f"{group}/")
         return KafkaConsumer(config, source, handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=key,
-                             loop=loop)
+                             loop=loop, concurrency=concurrency)
 
     def _groups_matter(self) -> bool:
         return True

@@ -34,11 +34,22 @@ What the broker does, and what this consumer does about it:
 Threading: one thread (``start()``'s, or ``run()``'s caller) owns the
 librdkafka consumer and runs the handler, so records of a partition are handled
 in order. ``stop()`` may be called from any thread.
+
+With ``concurrency=N`` (> 1) that thread only polls and settles: it hands records to a
+:mod:`.._dispatch` dispatcher (records of one key, or of one partition, one at a time in
+offset order; up to ``N`` at once), takes back what finished (republishing failed records to
+their retry or dead-letter topic), and commits per partition the finished prefix, never past an
+unfinished record. Polling goes on while handlers run, so a slow handler never trips
+``max.poll.interval.ms``; with ``4 N`` records outstanding it pauses fetching (pause/resume). On
+revoke the revoked partitions' records not started are dropped, those running get up to
+``drain_timeout`` to finish, and the finished prefix is committed before the partitions go;
+stopping does the same for every partition.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import threading
@@ -52,6 +63,7 @@ from confluent_kafka import Message as RawMessage
 
 from .. import _headers as h
 from .._dedup._base import DedupStore
+from .._dispatch import Concurrency, Dispatcher, Job, dispatcher_for
 from .._errors import (
     BrokerUnavailable,
     ClosedError,
@@ -60,6 +72,7 @@ from .._errors import (
     ReliableMessagingError,
 )
 from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
+from .._lifecycle import LoopFriendly, graceful_signals
 from .._log import limit_repeats
 from .._message import MESSAGE_ID_HEADER, header_count
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
@@ -95,7 +108,7 @@ _EMPTY: Mapping[str, Any] = types.MappingProxyType({})
 Handler = Callable[[KafkaMessage], Any]
 
 
-class KafkaConsumer:
+class KafkaConsumer(LoopFriendly):
     """Consumes ``topics`` in group ``config.group_id`` and runs ``handler`` on every record.
 
     The handler gets a :class:`KafkaMessage`. Returning normally acknowledges
@@ -147,6 +160,7 @@ class KafkaConsumer:
         retry_suffix: str = ".retry",
         create_topics: bool = True,
         producer: KafkaProducer | None = None,
+        concurrency: Concurrency | None = None,
     ) -> None:
         if not isinstance(config, KafkaConsumerConfig):
             raise ConfigurationError(f"config must be a KafkaConsumerConfig, got {type(config).__name__}",
@@ -170,12 +184,29 @@ class KafkaConsumer:
                 "before its handler ran, and deduplication cannot bring a skipped record back; use "
                 "'manual', 'manual_batch' or 'store_offsets'", field="dedup",
             )
+        parallel = concurrency or Concurrency()
+        if not isinstance(parallel, Concurrency):
+            raise ConfigurationError(f"concurrency must be a Concurrency, got {type(concurrency).__name__}",
+                                     field="concurrency")
+        if parallel.handlers > 1 and not retry_topics:
+            raise ConfigurationError("concurrency > 1 needs retry_topics=True: an in-place retry would hold its "
+                                     "record's partition on the polling thread", field="concurrency")
         self._names = TopicNames(dead_letter_suffix=dead_letter_suffix, retry_suffix=retry_suffix)
         self._retry_topics = bool(retry_topics)
         self._create_topics = bool(create_topics)
+        self.mode = parallel
         self._runner: HandlerRunner[KafkaMessage] = HandlerRunner(
             handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=dedup_key, loop=loop,
+            concurrent=parallel.handlers > 1, handler_timeout=parallel.handler_timeout,
         )
+        self._dispatcher: Dispatcher | None = None
+        if parallel.handlers > 1:
+            self._dispatcher = dispatcher_for(self._runner, handler, parallel, self._job_done,
+                                              f"rm-kafka-handler-{config.group_id}")
+        self._completions: collections.deque[tuple[Job, BaseException | None]] = collections.deque()
+        self._completed = threading.Event()
+        self._throttled: set[TopicPartitionKey] = set()  # paused because too many records are outstanding
+        self._outstanding_bound = 4 * parallel.handlers
         self._decoding = decoder is not None
         self._runner.stats.extra.update({"deferred": 0, "republish_failures": 0})
         self._dedup = dedup is not None
@@ -221,7 +252,18 @@ class KafkaConsumer:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> KafkaConsumer:
-        """Run the consumer on a background thread; returns self."""
+        """Run the consumer on a background thread; returns self (awaitable inside a running event loop)."""
+        return self._start_or_schedule()  # type: ignore[no-any-return]
+
+    def stop(self, timeout: float = 30.0) -> Any:
+        """Stop fetching, let the records in progress finish, commit, leave the group; True once closed.
+
+        Inside a running event loop: an awaitable of that bool (the loop is not blocked). See
+        :meth:`_stop_now`.
+        """
+        return self._stop_or_schedule(timeout)
+
+    def _start_now(self) -> KafkaConsumer:
         self._claim_run()
         self._thread = threading.Thread(target=self._run_safely, name=f"rm-kafka-consumer-{self.config.group_id}",
                                         daemon=True)
@@ -229,16 +271,17 @@ class KafkaConsumer:
         return self
 
     def run(self) -> None:
-        """Run the consumer on the calling thread until :meth:`stop` or KeyboardInterrupt.
+        """Run the consumer on the calling thread until :meth:`stop`, SIGTERM/SIGINT or KeyboardInterrupt.
 
-        Either way it finishes the current record, commits and leaves the group
-        before returning (a KeyboardInterrupt raised inside the handler leaves that
-        record uncommitted: it is read again). Re-raises the error that ended the
-        loop, if any, and a handler's other ``BaseException`` (``SystemExit``) as is.
+        Either way it finishes the records in progress (up to ``drain_timeout`` with concurrent handlers),
+        commits and leaves the group before returning (a KeyboardInterrupt raised inside the handler leaves
+        that record uncommitted: it is read again). Re-raises the error that ended the loop, if any, and a
+        handler's other ``BaseException`` (``SystemExit``) as is.
         """
         self._claim_run()
         try:
-            self._loop()
+            with graceful_signals(self._stop.set, f"consumer {self.config.group_id}"):
+                self._loop()
         except KeyboardInterrupt:
             logger.info("consumer %s interrupted: committing and leaving the group", self.config.group_id)
             self._stop.set()
@@ -250,7 +293,7 @@ class KafkaConsumer:
         if self.error is not None:
             raise self.error
 
-    def stop(self, timeout: float = 30.0) -> bool:
+    def _stop_now(self, timeout: float) -> bool:
         """Stop fetching, let the record in progress finish, commit, leave the group; True once closed.
 
         Waits at most ``timeout`` seconds. A handler still running then is not interrupted and its
@@ -264,7 +307,8 @@ class KafkaConsumer:
         if not self._running and not self._closed:  # never started: just release the client
             self._shutdown()
             return True
-        if self._loop_thread is threading.current_thread():
+        if self._loop_thread is threading.current_thread() or (
+                self._dispatcher is not None and self._dispatcher.on_handler_thread()):
             return False  # called from the handler: the loop stops after this record
         if not self._finished.wait(max(0.0, timeout)):
             logger.warning("consumer %s still busy %.1fs after stop(): its handler is still running; it commits "
@@ -273,10 +317,10 @@ class KafkaConsumer:
         return True
 
     def __enter__(self) -> KafkaConsumer:
-        return self.start()
+        return self._start_now()
 
     def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        self._stop_now(30.0)
 
     @property
     def stats(self) -> ConsumerStats:
@@ -316,6 +360,9 @@ class KafkaConsumer:
             self._prepare_topics()
             self._consumer.subscribe(self._subscription, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                      on_lost=self._on_lost)
+            if self._dispatcher is not None:
+                self._loop_concurrent(self._dispatcher)
+                return
             consume = self._consumer.consume
             stop = self._stop
             while not stop.is_set():
@@ -345,6 +392,158 @@ class KafkaConsumer:
             self.error.__cause__ = exc
             logger.error("consumer %s stopped: %s", self.config.group_id, self.error)
             raise
+
+    def _loop_concurrent(self, dispatcher: Dispatcher) -> None:
+        """Poll, hand records to the dispatcher, settle what finished, commit; pause fetching when full."""
+        consume = self._consumer.consume
+        stop = self._stop
+        bound = self._outstanding_bound
+        while not stop.is_set():
+            self._settle_finished()
+            timeout = self._resume_due()
+            if self._commits.batched:
+                self._commits.on_time()
+            room = bound - dispatcher.outstanding()
+            if room <= 0:
+                self._throttle()
+                self._completed.wait(timeout)  # woken by the next handler to finish
+                self._completed.clear()
+                records = consume(self._fetch, 0)  # serves rebalances and commit callbacks meanwhile
+            else:
+                if self._throttled and room >= bound // 2:
+                    self._unthrottle()
+                records = consume(min(self._fetch, room), 0)
+                if not records and not self._completions:
+                    records = consume(1, min(timeout, 0.05))
+            if self._rebalanced:
+                self._rebalanced = False
+                records = [r for r in records if (r.topic(), r.partition()) in self._assigned]
+            if records:
+                self._submit_batch(records, dispatcher)
+
+    def _submit_batch(self, records: list[RawMessage], dispatcher: Dispatcher) -> None:
+        deferred = self._skip
+        deferred.clear()
+        lane = self.mode.lane
+        for raw in records:
+            err = raw.error()
+            if err is not None:
+                self._on_fetch_error(err)
+                continue
+            tp = (raw.topic() or "", raw.partition() or 0)
+            if deferred and tp in deferred:
+                continue
+            item = self._message(raw, tp)
+            if item is None:
+                deferred.add(tp)
+                continue
+            _tp, offset, message, outcome = item
+            job = Job(lane(message.key, tp), message, (tp, offset))
+            if outcome is not None:  # undecodable: straight to its dead-letter topic
+                job.outcome = outcome
+                self._completions.append((job, None))
+            else:
+                dispatcher.submit(job)
+
+    def _job_done(self, job: Job, error: BaseException | None) -> None:
+        """(a handler's thread or task) Hand the finished job to the polling thread."""
+        self._completions.append((job, error))
+        self._completed.set()
+
+    def _settle_finished(self, revoking: frozenset[TopicPartitionKey] = frozenset()) -> None:
+        """(the polling thread) Count finished records as processed; republish failed ones first (a record
+        whose copy the broker did not take rewinds its partition to it, unless the partition is being revoked:
+        then its next owner reads it)."""
+        completions = self._completions
+        failed: list[Job] = []
+        commits = self._commits
+        while completions:
+            job, error = completions.popleft()
+            if error is not None:
+                self._abort(error)
+                continue
+            outcome = job.outcome
+            if outcome is None:
+                continue
+            tp, offset = job.ref
+            if outcome.disposition is Disposition.ACK:
+                commits.before()
+                commits.processed(tp, offset)
+            else:
+                failed.append(job)
+        if not failed:
+            return
+        failed.sort(key=lambda job: job.ref)
+        rewound: dict[TopicPartitionKey, int] = {}
+        for job, ok in zip(failed, self._republisher.settle_many([(j.message, j.outcome) for j in failed]),
+                           strict=True):
+            tp, offset = job.ref
+            if tp in rewound and offset >= rewound[tp]:
+                continue  # read again after the rewind below
+            if ok:
+                commits.before()
+                commits.processed(tp, offset)
+                continue
+            self.stats.extra["republish_failures"] += 1
+            if tp in revoking or tp not in self._assigned:
+                continue
+            rewound[tp] = offset
+            assert self._dispatcher is not None
+            self._dispatcher.drop(_from(tp, offset))
+            self._defer(tp, offset, _REPUBLISH_BACKOFF, "its retry/dead-letter publish failed")
+
+    def _abort(self, error: BaseException) -> None:
+        """A handler raised a BaseException: stop (its record is not committed); run() re-raises it."""
+        if self._aborted is None:
+            self._aborted = error
+            self.error = HandlerAborted(f"the handler raised {type(error).__name__}({error}): the consumer "
+                                        "stopped; the record is not committed and will be read again")
+            self.error.__cause__ = error
+            logger.error("consumer %s stopped: %s", self.config.group_id, self.error)
+        self._stop.set()
+
+    def _throttle(self) -> None:
+        """Pause every assigned partition not paused yet: too many records outstanding."""
+        with self._assigned_lock:
+            more = self._assigned - self._throttled
+        if more:
+            self._consumer.pause([TopicPartition(t, p) for t, p in more])
+            self._throttled |= more
+
+    def _unthrottle(self) -> None:
+        """Resume the partitions paused by :meth:`_throttle` (not those waiting for a retry record's due time)."""
+        with self._assigned_lock:
+            back = (self._throttled & self._assigned) - set(self._paused)
+        self._throttled.clear()
+        if back:
+            self._consumer.resume([TopicPartition(t, p) for t, p in back])
+
+    def _drain(self, tps: frozenset[TopicPartitionKey] | None, why: str) -> None:
+        """Drop the records of ``tps`` (None: all) not started and wait up to ``drain_timeout`` for those
+        running, settling what finishes (on the polling thread)."""
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            return
+
+        def ours(job: Job) -> bool:
+            return tps is None or job.ref[0] in tps
+
+        dispatcher.drop(ours)
+        deadline = time.monotonic() + self.mode.drain_timeout
+        revoking = tps if tps is not None else frozenset(self._assigned)
+        while True:
+            self._settle_finished(revoking)
+            if dispatcher.wait(ours, 0):
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                logger.warning("consumer %s: handlers still running %.1fs after %s: their records are not "
+                               "committed (read again by the partition's next owner)", self.config.group_id,
+                               self.mode.drain_timeout, why)
+                break
+            self._completed.wait(min(remaining, 0.1))
+            self._completed.clear()
+        self._settle_finished(revoking)
 
     def _prepare_topics(self) -> None:
         if not self._create_topics:
@@ -535,6 +734,7 @@ class KafkaConsumer:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions are taken away: commit what was processed before the new owner starts reading."""
         tps = [(p.topic, p.partition) for p in partitions]
+        self._drain(frozenset(tps), "a rebalance revoked their partitions")
         self._commits.commit_sync(None, "partitions revoked")
         self._drop(tps)
         logger.info("consumer %s revoked %s", self.config.group_id, _describe(tps))
@@ -542,6 +742,9 @@ class KafkaConsumer:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions were lost (session timed out): they may already have a new owner, so no commit."""
         tps = [(p.topic, p.partition) for p in partitions]
+        if self._dispatcher is not None:
+            lost = frozenset(tps)
+            self._dispatcher.drop(lambda job: job.ref[0] in lost)
         self._drop(tps)
         logger.warning("consumer %s lost %s (session timeout or fenced): uncommitted records will be "
                        "processed again by their new owner", self.config.group_id, _describe(tps))
@@ -550,6 +753,7 @@ class KafkaConsumer:
         self._commits.forget(tps)
         for tp in tps:
             self._paused.pop(tp, None)
+        self._throttled.difference_update(tps)
         with self._assigned_lock:
             self._assigned.difference_update(tps)
         self._rebalanced = True
@@ -574,12 +778,16 @@ class KafkaConsumer:
         self._closed = True
         try:
             if self._running:
+                if self._dispatcher is not None:
+                    self._drain(None, "stopping")
                 self._commits.commit_sync(None, "closing")
             self._consumer.close()  # leaves the group; librdkafka runs on_revoke (nothing left to commit)
         except KafkaException as exc:
             logger.warning("closing consumer %s: %s", self.config.group_id, exc)
             logger.debug("close failure", exc_info=exc)
         finally:
+            if self._dispatcher is not None:
+                self._dispatcher.close()
             self._republisher.close()
             self._runner.close()
             self._finished.set()
@@ -589,6 +797,11 @@ class KafkaConsumer:
         state = "running" if self.running else ("closed" if self._closed else "new")
         return (f"<KafkaConsumer group={self.config.group_id!r} topics={list(self._topics)!r} "
                 f"mode={self._mode.value} {state}>")
+
+
+def _from(tp: TopicPartitionKey, offset: int) -> Callable[[Job], bool]:
+    """Matches the jobs of ``tp`` at ``offset`` or later."""
+    return lambda job: bool(job.ref[0] == tp and job.ref[1] >= offset)
 
 
 def _describe(tps: Sequence[TopicPartitionKey]) -> str:

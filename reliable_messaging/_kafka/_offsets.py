@@ -61,7 +61,7 @@ class OffsetTracker:
                 done.discard(head)
                 position = head + 1
             part.position = position
-        elif offset > pending[0]:
+        elif pending[0] < offset <= pending[-1]:  # finished out of order (not one rewound: it is read again)
             part.done.add(offset)
 
     def rewind(self, tp: TopicPartitionKey, offset: int) -> None:

@@ -44,6 +44,13 @@ class Republisher:
 
     def settle(self, message: KafkaMessage, outcome: Outcome) -> bool:
         """Republish a failed record to its retry or dead-letter topic; True once the broker has it."""
+        return self.settle_many([(message, outcome)])[0]
+
+    def settle_many(self, failed: list[tuple[KafkaMessage, Outcome]]) -> list[bool]:
+        """:meth:`settle` for several records: all published at once, then waited for."""
+        return self._publish_all([self._copy(message, outcome) for message, outcome in failed])
+
+    def _copy(self, message: KafkaMessage, outcome: Outcome) -> tuple[str, KafkaMessage, dict[str, Any]]:
         retry = outcome.disposition is Disposition.RETRY
         attempt = message.attempt + 1 if retry and outcome.counts_attempt else message.attempt
         deferrals = None if outcome.counts_attempt else header_count(message.headers.get(h.DEFERRALS)) + 1
@@ -57,9 +64,9 @@ class Republisher:
             out[h.DUE] = str(int(time.time() * 1000) + round(outcome.delay * 1000))
         else:
             topic = self.names.dead_letter(message.source)
-        return self._publish(topic, message, {k: str(v) if isinstance(v, int) else v for k, v in out.items()})
+        return topic, message, {k: str(v) if isinstance(v, int) else v for k, v in out.items()}
 
-    def _publish(self, topic: str, message: KafkaMessage, headers: dict[str, Any]) -> bool:
+    def _publish_all(self, copies: list[tuple[str, KafkaMessage, dict[str, Any]]]) -> list[bool]:
         producer = self._producer
         if producer is None:
             producer = self._producer = KafkaProducer(KafkaProducerConfig(
@@ -69,16 +76,28 @@ class Republisher:
                 delivery_timeout=30.0,
                 extra={k: v for k, v in self.config.extra.items() if k.startswith(_PRODUCER_SECURITY_PREFIXES)},
             ))
-        try:
-            future = producer.publish(topic, message.body, key=message.key, headers=headers,
-                                      message_id=message.message_id)
-            future.result(timeout=producer.config.delivery_timeout + 10.0)
-        except (ReliableMessagingError, TimeoutError) as exc:  # not stored: the record is read again
-            logger.warning("could not publish message %s to %s (%s: %s); %s[%d]@%d will be read again",
-                           message.message_id, topic, type(exc).__name__, exc, message.topic, message.partition,
-                           message.offset)
-            return False
-        return True
+        futures: list[Any] = []
+        for topic, message, headers in copies:
+            try:
+                futures.append(producer.publish(topic, message.body, key=message.key, headers=headers,
+                                                message_id=message.message_id))
+            except ReliableMessagingError as exc:
+                futures.append(exc)
+        deadline = time.monotonic() + producer.config.delivery_timeout + 10.0
+        results: list[bool] = []
+        for (topic, message, _headers), future in zip(copies, futures, strict=True):
+            try:
+                if isinstance(future, ReliableMessagingError):
+                    raise future
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except (ReliableMessagingError, TimeoutError) as exc:  # not stored: the record is read again
+                logger.warning("could not publish message %s to %s (%s: %s); %s[%d]@%d will be read again",
+                               message.message_id, topic, type(exc).__name__, exc, message.topic,
+                               message.partition, message.offset)
+                results.append(False)
+                continue
+            results.append(True)
+        return results
 
     def close(self) -> None:
         if self._own_producer and self._producer is not None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from .._broker import Broker, Consumer, Guarantee
 from .._dedup import DedupStore
+from .._dispatch import Concurrency
 from .._errors import ClosedError, ConfigurationError, InvalidMessage, Unroutable
 from .._handling import MessageIdKey
 from .._message import Delivery, DeliveryFuture, OutgoingHeaders, new_message_id
@@ -108,12 +109,14 @@ class MemoryBroker(Broker):
 
     def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str | None, retry: RetryPolicy,
                   decoder: Callable[[bytes], Any] | None, dedup: DedupStore | None,
-                  dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None) -> Consumer:
+                  dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None,
+                  concurrency: Concurrency) -> Consumer:
         if dedup is not None and self._auto_ack:
             raise ConfigurationError("dedup with at-most-once: messages are gone before the handler runs",
                                      field="dedup")
         return MemoryConsumer(self.server, source, handler, retry=retry, decoder=decoder, dedup=dedup,
-                              dedup_key=dedup_key or MessageIdKey(f"{source}/"), loop=loop, auto_ack=self._auto_ack)
+                              dedup_key=dedup_key or MessageIdKey(f"{source}/"), loop=loop, auto_ack=self._auto_ack,
+                              concurrency=concurrency)
 
     def dead_letter_source(self, source: str) -> str:
         return dead_letter_queue(source)

@@ -28,12 +28,13 @@ import pika.exceptions
 
 from .._broker import Broker, Consumer, Guarantee, split_settings
 from .._dedup import DedupStore
+from .._dispatch import Concurrency
 from .._errors import ClosedError, ConfigurationError, InvalidMessage
 from .._handling import MessageIdKey
 from .._message import DeliveryFuture, OutgoingHeaders
 from .._retry import RetryPolicy
 from .._stats import PublisherStats, failures
-from ._config import RabbitMQAckMode, RabbitMQConsumerConfig, RabbitMQPublisherConfig, _check_url
+from ._config import DEFAULT_PREFETCH, RabbitMQAckMode, RabbitMQConsumerConfig, RabbitMQPublisherConfig, _check_url
 from ._consumer import RabbitMQConsumer
 from ._publisher import RabbitMQPublisher
 from ._topology import (
@@ -162,12 +163,16 @@ class RabbitMQBroker(Broker):
 
     def _consumer(self, source: str, handler: Callable[[Any], Any], *, group: str | None, retry: RetryPolicy,
                   decoder: Callable[[bytes], Any] | None, dedup: DedupStore | None,
-                  dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None) -> Consumer:
+                  dedup_key: Callable[[Any], str] | None, loop: asyncio.AbstractEventLoop | None,
+                  concurrency: Concurrency) -> Consumer:
         settings = {"connection_name": f"{self.name} consumer {source}", **self._consumer_settings}
+        if concurrency.handlers > 1 and 2 * concurrency.handlers > settings.get("prefetch", DEFAULT_PREFETCH):
+            # N handlers need N deliveries, and messages waiting for their key's lane hold some more
+            settings["prefetch"] = min(65535, 2 * concurrency.handlers)
         config = RabbitMQConsumerConfig(url=self.url, **settings)
         key = dedup_key or MessageIdKey(f"{source}/")
         return RabbitMQConsumer(config, source, handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=key,
-                                loop=loop, topology=self.topology(source))
+                                loop=loop, topology=self.topology(source), concurrency=concurrency)
 
     def dead_letter_source(self, source: str) -> str:
         return f"{source}.dlq"

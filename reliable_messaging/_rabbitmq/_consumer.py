@@ -52,7 +52,12 @@ What the broker does, and what the consumer does about it:
 
 Threads: an I/O thread owns the connection (:mod:`._consumer_io`; heartbeats keep flowing while a
 handler runs); one worker thread runs the handler on one message (or batch) at a time, in delivery
-order.
+order. With ``concurrency=N`` (> 1) the worker hands deliveries to a :mod:`.._dispatch` dispatcher
+instead (``prefetch`` >= N: the broker's bound on deliveries in flight is the backpressure): messages of
+one routing key one at a time in delivery order, those without one in any order; each is acknowledged
+as it finishes (one ``multiple=True`` ack over a finished run). Stopping cancels, then waits up to
+``drain_timeout`` for the handlers running; the deliveries not started go back to the queue when the
+channel closes.
 """
 
 from __future__ import annotations
@@ -69,8 +74,10 @@ from typing import Any
 import pika
 
 from .._dedup._base import DedupStore
+from .._dispatch import Concurrency, Dispatcher, Job, dispatcher_for
 from .._errors import ClosedError, ConfigurationError, HandlerAborted, ReliableMessagingError
 from .._handling import ConsumerStats, HandlerRunner, Outcome
+from .._lifecycle import LoopFriendly, graceful_signals
 from .._log import limit_repeats
 from .._message import Message
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
@@ -91,7 +98,7 @@ class _Batch(Message):
     messages: tuple[RabbitMQMessage, ...] = field(default=())
 
 
-class RabbitMQConsumer:
+class RabbitMQConsumer(LoopFriendly):
     """Consumes one queue and runs ``handler`` on each message (or batch), acking per the outcome.
 
     ``handler(message)`` receives a :class:`~reliable_messaging.RabbitMQMessage` (with
@@ -121,6 +128,7 @@ class RabbitMQConsumer:
         dedup_key: Callable[[RabbitMQMessage], str] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         topology: RabbitMQTopology | None = None,
+        concurrency: Concurrency | None = None,
     ) -> None:
         if not isinstance(config, RabbitMQConsumerConfig):
             raise ConfigurationError(f"config must be a RabbitMQConsumerConfig, got {type(config).__name__}",
@@ -150,6 +158,21 @@ class RabbitMQConsumer:
         if config.batch_size > 1 and dedup is not None:
             raise ConfigurationError("dedup is not supported with batch handlers (batch_size > 1): deduplicate "
                                      "inside the batch handler, or use batch_size=1", field="dedup")
+        parallel = concurrency or Concurrency()
+        if not isinstance(parallel, Concurrency):
+            raise ConfigurationError(f"concurrency must be a Concurrency, got {type(concurrency).__name__}",
+                                     field="concurrency")
+        if parallel.handlers > 1:
+            if config.batch_size > 1:
+                raise ConfigurationError("concurrency > 1 is not supported with batch handlers (batch_size > 1)",
+                                         field="concurrency")
+            if auto:
+                raise ConfigurationError("concurrency > 1 needs ack_mode=MANUAL: with automatic acks nothing "
+                                         "bounds the deliveries in memory", field="concurrency")
+            if config.prefetch < parallel.handlers:
+                raise ConfigurationError(f"prefetch ({config.prefetch}) must be >= concurrency "
+                                         f"({parallel.handlers}): the broker sends no more than prefetch "
+                                         "unacknowledged deliveries", field="prefetch")
         declared = topology.queue(queue) if topology is not None else None
         if mode is RabbitMQRetryMode.REQUEUE and not auto and declared is not None \
                 and declared.type is not RabbitMQQueueType.QUORUM:
@@ -168,8 +191,15 @@ class RabbitMQConsumer:
         self._batch = config.batch_size > 1
         self._user_handler = handler
         runner_handler: Callable[[Any], Any] = _call_batch(handler) if self._batch else handler
+        self.mode = parallel
+        concurrent = parallel.handlers > 1
         self.runner: HandlerRunner[Any] = HandlerRunner(runner_handler, retry=retry, decoder=decoder, dedup=dedup,
-                                                        dedup_key=dedup_key, loop=loop)
+                                                        dedup_key=dedup_key, loop=loop, concurrent=concurrent,
+                                                        handler_timeout=parallel.handler_timeout)
+        self._dispatcher: Dispatcher | None = None
+        if concurrent:
+            self._dispatcher = dispatcher_for(self.runner, handler, parallel, self._job_done,
+                                              f"rm-rabbitmq-handler-{queue}", wanted=self._still_wanted)
         self._engine: ConsumerIO | None = None
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -182,6 +212,7 @@ class RabbitMQConsumer:
         """Why the consumer stopped on its own (ConsumerCancelled, BrokerUnavailable, TopologyMismatch,
         HandlerAborted...)."""
         self._aborted: BaseException | None = None  # a handler's BaseException, re-raised by run()
+        self._handler_aborted: BaseException | None = None  # ... raised on a dispatcher's thread or task
 
     @property
     def stats(self) -> ConsumerStats:
@@ -201,8 +232,21 @@ class RabbitMQConsumer:
         """Connect, declare, start consuming in the background; returns self.
 
         Raises (within ``config.connect_timeout``) BrokerUnavailable, TopologyMismatch, or
-        ConfigurationError (refused credentials, missing queue) if consuming cannot start.
+        ConfigurationError (refused credentials, missing queue) if consuming cannot start. Inside a
+        running event loop it connects on an executor thread: ``await consumer.start()`` waits (and
+        raises those) without blocking the loop.
         """
+        return self._start_or_schedule()  # type: ignore[no-any-return]
+
+    def stop(self, timeout: float = 30.0) -> Any:
+        """Stop consuming, let the handlers in progress finish, acknowledge, close; True once closed.
+
+        Inside a running event loop: an awaitable of that bool (the loop is not blocked). See
+        :meth:`_stop_now`.
+        """
+        return self._stop_or_schedule(timeout)
+
+    def _start_now(self) -> RabbitMQConsumer:
         with self._lock:
             if self._engine is not None:
                 if self._done.is_set():
@@ -223,7 +267,7 @@ class RabbitMQConsumer:
             raise
         return self
 
-    def stop(self, timeout: float = 30.0) -> bool:
+    def _stop_now(self, timeout: float) -> bool:
         """Stop consuming, let the handler in progress finish, acknowledge, close; True once closed.
 
         ``basic.cancel`` goes out first, so no new delivery starts; the message in progress is
@@ -246,7 +290,7 @@ class RabbitMQConsumer:
         engine.deliveries.put(None)
         worker = self._worker
         if worker is not None:
-            if worker is threading.current_thread():
+            if worker is threading.current_thread() or (self._dispatcher and self._dispatcher.on_handler_thread()):
                 return False
             worker.join(max(0.0, deadline - time.monotonic()))
             if worker.is_alive():
@@ -279,25 +323,29 @@ class RabbitMQConsumer:
         handler's ``BaseException`` (``SystemExit``...) is re-raised as it was.
         """
         if self._engine is None:
-            self.start()
+            self._start_now()
+        signalled = threading.Event()
         try:
-            while not self._done.wait(0.5):
-                pass
+            with graceful_signals(signalled.set, f"the consumer of {self.queue!r}"):
+                while not self._done.wait(0.5):
+                    if signalled.is_set():
+                        self._stop_now(self.mode.drain_timeout + CLOSE_GRACE)
+                        signalled.clear()
         except KeyboardInterrupt:
             logger.warning("interrupted: stopping the consumer of %r", self.queue)
-            self.stop()
+            self._stop_now(30.0)
             return
         if self.error is not None:
-            self.stop()
+            self._stop_now(30.0)
             if self._aborted is not None:
                 raise self._aborted
             raise self.error
 
     def __enter__(self) -> RabbitMQConsumer:
-        return self.start()
+        return self._start_now()
 
     def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        self._stop_now(30.0)
 
     def __repr__(self) -> str:
         return f"<RabbitMQConsumer queue={self.queue!r} running={self.running}>"
@@ -322,6 +370,8 @@ class RabbitMQConsumer:
         try:
             if self._batch:
                 self._work_batches(engine)
+            elif self._dispatcher is not None:
+                self._work_concurrent(engine, self._dispatcher)
             else:
                 self._work_single(engine)
         except Exception as exc:  # a bug here must stop the consumer visibly, not hang it
@@ -393,6 +443,65 @@ class RabbitMQConsumer:
                     runner.release_unclaimed()
             if ended:
                 return
+
+    def _work_concurrent(self, engine: ConsumerIO, dispatcher: Dispatcher) -> None:
+        """Hand each delivery to the dispatcher (its lane: the message's key) until stopped; then drop the
+        jobs not started (their deliveries return when the channel closes) and wait for those running."""
+        deliveries, results = engine.deliveries, engine.results
+        stopping = self._stopping
+        mode = self.mode
+        try:
+            while not stopping.is_set():
+                item = deliveries.get()
+                if item is None or stopping.is_set():
+                    return
+                if item[0] != engine.generation:
+                    continue  # its channel is gone; the broker redelivers it
+                message, bad = self._message(engine, item)
+                if bad is not None:
+                    results.append((item[0], bad, (message,), (item[2],)))
+                    engine.wake()
+                    continue
+                key = message.key
+                dispatcher.submit(Job(mode.lane(key.encode() if isinstance(key, str) else key, None),
+                                      message, item))
+        finally:
+            dispatcher.drop(lambda job: True)
+            if not dispatcher.wait(lambda job: True, mode.drain_timeout):
+                logger.warning("%d handlers of queue %r still running %.1fs after stopping: the channel closes, "
+                               "their messages are redelivered", dispatcher.outstanding(), self.queue,
+                               mode.drain_timeout)
+            dispatcher.close()
+            self._abort_if_a_handler_did()
+
+    def _still_wanted(self, job: Job) -> bool:
+        """Whether a job about to start still has its channel (else the broker redelivers its message)."""
+        engine = self._engine
+        return engine is not None and job.ref[0] == engine.generation and self._handler_aborted is None
+
+    def _job_done(self, job: Job, error: BaseException | None) -> None:
+        """A handler finished (on its thread or task): post its outcome to the I/O thread."""
+        engine = self._engine
+        if error is not None:
+            if self._handler_aborted is None:
+                self._handler_aborted = error
+            self._stopping.set()
+            if engine is not None:
+                engine.deliveries.put(None)
+                if engine.alive:
+                    engine.call_soon(engine.cancel_consumer)
+            return
+        if job.outcome is None or engine is None:
+            return
+        item: Delivery = job.ref
+        engine.results.append((item[0], job.outcome, (job.message,), (item[2],)))
+        engine.wake()
+
+    def _abort_if_a_handler_did(self) -> None:
+        """After the dispatcher drained: a handler's BaseException ends the worker as in the one-at-a-time path."""
+        error = self._handler_aborted
+        if error is not None:
+            raise error
 
     def _work_batches(self, engine: ConsumerIO) -> None:
         deliveries, results, runner = engine.deliveries, engine.results, self.runner

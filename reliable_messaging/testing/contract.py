@@ -12,6 +12,7 @@ in-process ``memory://`` backend, with no broker. A service can run it against i
             return "amqp://..."
 
 A subclass provides the ``url`` fixture; it may override ``settings`` (connect() keywords),
+``consumer_settings`` (consumer() keywords: the suite runs once more with ``{"concurrency": 16}``),
 ``read_dead_letters`` (default: read them through the facade itself) and ``settle`` (wait until
 consumers are ready to receive, e.g. a Kafka group's assignment).
 """
@@ -62,6 +63,7 @@ class BrokerContract:
     """Tests every backend must pass through ``reliable_messaging.connect``."""
 
     settings: dict[str, Any] = {}  # noqa: RUF012 - per-broker constants, overridden by subclasses
+    consumer_settings: dict[str, Any] = {}  # noqa: RUF012 - e.g. {"concurrency": 16}
 
     # -- what a subclass provides --------------------------------------------------------------------
 
@@ -101,8 +103,8 @@ class BrokerContract:
         with connect(url, retry=FAST_RETRY, name=unique_name, **self.settings) as broker:
             yield broker
 
-    def started(self, broker: Broker, source: str, handler: Callable[[Message], Any], **kwargs: Any) -> rm.Consumer:
-        consumer = broker.consumer(source, handler, **{"group": source, **kwargs})
+    def started(self, broker: Broker, source: str, handler: Callable[..., Any], **kwargs: Any) -> rm.Consumer:
+        consumer = broker.consumer(source, handler, **{"group": source, **self.consumer_settings, **kwargs})
         consumer.start()
         return consumer
 
@@ -241,7 +243,8 @@ class BrokerContract:
                     done.set()
 
             async with connect(url, name=unique_name, **self.settings) as broker:
-                broker.consumer(unique_name, handler, group=unique_name, loop=loop).start()
+                await broker.consumer(unique_name, handler, group=unique_name, loop=loop,
+                                      **self.consumer_settings).start()
                 deliveries = [await broker.publish(unique_name, f"async {i}") for i in range(3)]
                 assert [d.destination for d in deliveries] == [unique_name] * 3
                 await asyncio.wait_for(done.wait(), 60)
@@ -302,7 +305,7 @@ class BrokerContract:
                 sys.exit(3)
 
         with connect(url, retry=FAST_RETRY, name=unique_name, **self.settings) as broker:
-            consumer = broker.consumer(unique_name, handler, group=unique_name)
+            consumer = broker.consumer(unique_name, handler, group=unique_name, **self.consumer_settings)
             raised: list[BaseException] = []
 
             def run() -> None:
@@ -486,7 +489,10 @@ class BrokerContract:
 
         orders: list[tuple[Order, Message]] = []
         others: list[Any] = []
-        self.started(broker, unique_name, lambda order, message: orders.append((order, message)), payload=Order)
+        def take_order(order: Order, message: Message) -> None:
+            orders.append((order, message))
+
+        self.started(broker, unique_name, take_order, payload=Order)
         self.started(broker, f"{unique_name}-lines", lambda line: others.append(line), payload=Line)
         self.started(broker, f"{unique_name}-notes", lambda note: others.append(note), payload=Note)
         broker.publish(unique_name, Order(id=1, item="book", qty=2), key="customer-1").result(timeout=30)
@@ -507,3 +513,73 @@ class BrokerContract:
         assert str(headers["x-rm-attempt"]) == "1", "no retry makes an invalid payload valid"
         with pytest.raises(rm.InvalidMessage):
             broker.publish(unique_name, object())  # not encodable: fails at the call
+
+    # -- concurrent handlers --------------------------------------------------------------------------
+
+    @pytest.mark.timeout(120)
+    @pytest.mark.parametrize("kind", ["threads", "async"])
+    def test_concurrent_handlers_run_side_by_side_and_keep_each_keys_order(
+        self, broker: Broker, unique_name: str, kind: str
+    ) -> None:
+        """concurrency=8: different keys at once (8 seen running together), one key one at a time, in order."""
+        keys, per_key = 8, 6
+        lock = threading.Lock()
+        running: dict[bytes, int] = {}
+        seen: dict[bytes, list[bytes]] = {}
+        overlaps: list[bytes] = []
+        peak = [0]
+
+        def enter(message: Message) -> None:
+            key = message.key or b""
+            with lock:
+                if running.get(key):
+                    overlaps.append(key)
+                running[key] = running.get(key, 0) + 1
+                peak[0] = max(peak[0], sum(running.values()))
+
+        def leave(message: Message) -> None:
+            key = message.key or b""
+            with lock:
+                running[key] -= 1
+                seen.setdefault(key, []).append(message.body)
+
+        def handler(message: Message) -> None:
+            enter(message)
+            time.sleep(0.15)
+            leave(message)
+
+        async def async_handler(message: Message) -> None:
+            enter(message)
+            await asyncio.sleep(0.15)
+            leave(message)
+
+        self.started(broker, unique_name, handler if kind == "threads" else async_handler,
+                     **{"concurrency": 8, **self.consumer_settings})
+        for i in range(per_key):
+            for k in range(keys):
+                broker.publish(unique_name, f"{k}:{i}", key=f"key-{k}")
+        assert broker.flush(30) is True
+        wait_for(lambda: sum(map(len, seen.values())) == keys * per_key, 90, "every message")
+        assert overlaps == [], "two messages of one key ran at once"
+        for k in range(keys):
+            assert seen[f"key-{k}".encode()] == [f"{k}:{i}".encode() for i in range(per_key)], f"key-{k} in order"
+        assert peak[0] >= 4, f"at most {peak[0]} handlers ran at once"
+
+    @pytest.mark.timeout(120)
+    def test_a_handler_over_its_timeout_is_a_failed_attempt_and_its_late_result_is_ignored(
+        self, broker: Broker, unique_name: str
+    ) -> None:
+        calls: list[int] = []
+
+        def handler(message: Message) -> None:
+            calls.append(message.attempt)
+            if message.attempt == 1:
+                time.sleep(3)  # over handler_timeout: the retry goes on meanwhile
+
+        consumer = self.started(broker, unique_name, handler, handler_timeout=0.5)
+        broker.publish(unique_name, b"slow once").result(timeout=30)
+        wait_for(lambda: consumer.stats.processed == 1, 60, "the second attempt")
+        time.sleep(4)  # the first attempt's late return counts for nothing
+        assert calls == [1, 2]
+        stats = consumer.stats
+        assert (stats.processed, stats.failed, stats.retried, stats.dead_lettered) == (1, 1, 1, 0)
