@@ -185,6 +185,11 @@ class Dispatcher:
         self._kick()
         return dropped
 
+    def running(self, matches: Callable[[Job], bool]) -> list[Job]:
+        """The started, unfinished jobs whose ref ``matches``."""
+        with self._lock:
+            return [job for job in self._running if matches(job)]
+
     def wait_below(self, limit: int, timeout: float) -> bool:
         """Wait until fewer than ``limit`` jobs are outstanding; False at the timeout."""
         deadline = time.monotonic() + timeout
@@ -216,6 +221,14 @@ class Dispatcher:
         return False
 
     # -- internals (_lock held unless said otherwise) -------------------------------------------
+
+    def _report(self, job: Job, error: BaseException | None) -> None:
+        """(not under _lock) Hand the finished job to the consumer *before* it stops counting as running, so
+        that whoever waits for a partition's jobs (a revoke, a stop) finds its outcome already posted."""
+        try:
+            self.on_done(job, error)
+        except Exception:  # a consumer bug must not kill the worker: the job still finishes
+            logger.exception("settling a finished handler failed")
 
     def _all(self) -> list[Job]:
         jobs = list(self._running) + list(self._ready)
@@ -291,10 +304,10 @@ class ThreadDispatcher(Dispatcher):
                 self.invoke(job)
             except BaseException as exc:  # noqa: BLE001 - reported to the consumer, which decides
                 error = exc
+            self._report(job, error)
             with self._lock:
                 self._finished(job)
                 self._work.notify(len(self._ready))
-            self.on_done(job, error)
 
     def close(self) -> None:
         with self._lock:
@@ -345,7 +358,7 @@ class LoopDispatcher(Dispatcher):
             await self.ainvoke(job)
         except BaseException as exc:  # noqa: BLE001 - reported to the consumer, which decides
             error = exc
+        self._report(job, error)
         with self._lock:
             self._finished(job)
-        self.on_done(job, error)
         self._start_ready()

@@ -74,6 +74,10 @@ class Log:
         self._offset = 0
         self._partial = b""
 
+    def ids(self) -> list[str]:
+        """The message ids handled, in the order the handlers logged them."""
+        return [line.split(" ", 1)[0] for line in self.lines]
+
     def refresh(self) -> int:
         if self.path.exists():
             with self.path.open("rb") as f:
@@ -87,19 +91,23 @@ class Log:
 
 
 def _start(url: str, source: str, group: str, log: Path, store: str, settings: dict[str, Any],
-           stderr: Path) -> subprocess.Popen[str]:
+           stderr: Path, extra: list[str] | None = None) -> subprocess.Popen[str]:
     err = stderr.open("a")
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "_consumer.py"), url, source, group, str(log), "--store", store,
-         "--settings", json.dumps(settings)],
+         "--settings", json.dumps(settings), *(extra or [])],
         stdout=err, stderr=err, text=True)
     err.close()
     return proc
 
 
 def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, settings: dict[str, Any],
-                   messages: int = MESSAGES, kills: int = KILLS, drain_deadline: float = 90.0) -> Run:
-    """Publish, kill the consumer ``kills`` times at random handled counts, drain; count what happened."""
+                   messages: int = MESSAGES, kills: int = KILLS, drain_deadline: float = 90.0,
+                   extra: list[str] | None = None, sig: signal.Signals = signal.SIGKILL, keys: int = 16) -> Run:
+    """Publish, kill the consumer ``kills`` times at random handled counts, drain; count what happened.
+
+    ``extra``: more arguments of ``_consumer.py`` (concurrency, handler delay). ``sig``: the signal;
+    SIGTERM asks for a graceful stop, which must end the process (exit code 0) within 60 s."""
     seed = int(os.environ.get("RM_KILL_SEED") or random.SystemRandom().randrange(1 << 30))
     rng = random.Random(seed)
     # Distinct random targets over the first 80%, at least 5% apart so each run handles something.
@@ -115,7 +123,7 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
         if url.startswith("amqp"):
             # Declare the queue before publishing (the consumer declares the same topology).
             broker.topology(source).declare(url, connection_name="kill-test topology")  # type: ignore[attr-defined]
-        futures = [broker.publish(source, f"body {i}".encode(), key=f"k{i % 16}", message_id=mid)
+        futures = [broker.publish(source, f"body {i}".encode(), key=f"k{i % keys}", message_id=mid)
                    for i, mid in enumerate(ids)]
         for future in futures:
             future.result(timeout=60)
@@ -124,8 +132,10 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
     stderr = tmp / "consumer.stderr"
     try:
         for target in targets:
-            proc = _start(url, source, group, log.path, store, settings, stderr)
+            proc = _start(url, source, group, log.path, store, settings, stderr, extra)
             deadline = time.monotonic() + 90
+            # At least one message handled by this process (the last one may have drained past the target).
+            target = max(target, log.refresh() + 1)
             while log.refresh() < target:
                 if proc.poll() is not None:
                     pytest.fail(f"the consumer exited with {proc.returncode} before the kill; {run.describe()}; "
@@ -135,14 +145,22 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
                     pytest.fail(f"only {len(log.lines)} handled of {target} within 90 s; {run.describe()}; "
                                 f"stderr:\n{stderr.read_text()[-3000:]}")
                 time.sleep(0.002)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
+            proc.send_signal(sig)
             run.kill_counts.append(log.refresh())
-        proc = _start(url, source, group, log.path, store, settings, stderr)
+            if sig is signal.SIGKILL:
+                proc.wait(30)
+            else:
+                try:
+                    code = proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    pytest.fail(f"the consumer did not stop within 60 s of {sig.name}; {run.describe()}")
+                assert code == 0, f"exit code {code} after {sig.name}; stderr:\n{stderr.read_text()[-3000:]}"
+        proc = _start(url, source, group, log.path, store, settings, stderr, extra)
         started = time.monotonic()
         wanted = set(ids)
         try:
-            while not wanted.issubset(log.lines):
+            while not wanted.issubset(log.ids()):
                 log.refresh()
                 if time.monotonic() - started > drain_deadline:
                     break
@@ -161,7 +179,7 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
                 proc.wait(10)
     finally:
         log.refresh()
-    counts = Counter(log.lines)
+    counts = Counter(log.ids())
     run.lost = len(wanted - counts.keys())
     run.repeats = sum(counts.values()) - len(counts)
     run.repeated_ids = sum(1 for c in counts.values() if c > 1)
@@ -170,6 +188,7 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
     if report:
         with open(report, "a") as out:
             out.write(json.dumps({"broker": url.split(":", 1)[0], "store": store.split(":", 1)[0], "seed": seed,
+                                  "extra": " ".join(extra or []), "signal": sig.name,
                                   "kills": run.kill_counts, "lost": run.lost, "repeats": run.repeats,
                                   "repeated_ids": run.repeated_ids, "drain": round(run.drain, 2)}) + "\n")
     return run

@@ -40,7 +40,8 @@ With ``concurrency=N`` (> 1) that thread only polls and settles: it hands record
 offset order; up to ``N`` at once), takes back what finished (republishing failed records to
 their retry or dead-letter topic), and commits per partition the finished prefix, never past an
 unfinished record. Polling goes on while handlers run, so a slow handler never trips
-``max.poll.interval.ms``; with ``4 N`` records outstanding it pauses fetching (pause/resume). On
+``max.poll.interval.ms``: with ``4 N`` records outstanding it stops taking records, and pauses
+fetching (pause/resume) if that lasts a second. On
 revoke the revoked partitions' records not started are dropped, those running get up to
 ``drain_timeout`` to finish, and the finished prefix is committed before the partitions go;
 stopping does the same for every partition.
@@ -94,6 +95,9 @@ _POLL_TIMEOUT = 0.2
 
 _DUE_TOLERANCE_MS = 5
 """A retry record due within this many milliseconds is processed now rather than paused for."""
+
+_PAUSE_WHEN_FULL_FOR = 1.0
+"""Seconds a concurrent consumer stays full (``4 N`` records outstanding) before it pauses fetching."""
 
 _REPUBLISH_BACKOFF = 1.0
 """Seconds a partition stays paused after its record could not be republished (retry/DLT publish failed)."""
@@ -398,6 +402,7 @@ class KafkaConsumer(LoopFriendly):
         consume = self._consumer.consume
         stop = self._stop
         bound = self._outstanding_bound
+        full_since: float | None = None
         while not stop.is_set():
             self._settle_finished()
             timeout = self._resume_due()
@@ -405,11 +410,21 @@ class KafkaConsumer(LoopFriendly):
                 self._commits.on_time()
             room = bound - dispatcher.outstanding()
             if room <= 0:
-                self._throttle()
-                self._completed.wait(timeout)  # woken by the next handler to finish
-                self._completed.clear()
-                records = consume(self._fetch, 0)  # serves rebalances and commit callbacks meanwhile
+                # Full: wait for a handler to finish. Pausing the partitions costs a fetch round trip (up to
+                # fetch.wait.max.ms) on resume, so only handlers slow enough to keep it full for a while get
+                # them paused, and consume() called (it serves rebalances and commit callbacks meanwhile).
+                now = time.monotonic()
+                if full_since is None:
+                    full_since = now
+                records = []
+                if now - full_since >= _PAUSE_WHEN_FULL_FOR:
+                    self._throttle()
+                    records = consume(self._fetch, 0)
+                if not records:
+                    self._completed.wait(min(timeout, 0.05))  # woken by the next handler to finish
+                    self._completed.clear()
             else:
+                full_since = None
                 if self._throttled and room >= bound // 2:
                     self._unthrottle()
                 records = consume(min(self._fetch, room), 0)
@@ -519,8 +534,14 @@ class KafkaConsumer(LoopFriendly):
             self._consumer.resume([TopicPartition(t, p) for t, p in back])
 
     def _drain(self, tps: frozenset[TopicPartitionKey] | None, why: str) -> None:
-        """Drop the records of ``tps`` (None: all) not started and wait up to ``drain_timeout`` for those
-        running, settling what finishes (on the polling thread)."""
+        """Finish the records of ``tps`` (None: all) that the commit needs, drop the rest, settle (the polling
+        thread), within ``drain_timeout``.
+
+        A partition's commit covers its finished prefix only. So a record not started yet is dropped (its
+        partition's next owner reads it) only when no later record of its partition has started or
+        finished: dropping one behind a finished record would leave a gap, and the finished record would be
+        handled again by the next owner. Those records run now, and the commit covers them all.
+        """
         dispatcher = self._dispatcher
         if dispatcher is None:
             return
@@ -528,7 +549,17 @@ class KafkaConsumer(LoopFriendly):
         def ours(job: Job) -> bool:
             return tps is None or job.ref[0] in tps
 
-        dispatcher.drop(ours)
+        self._settle_finished(tps if tps is not None else frozenset(self._assigned))
+        high: dict[TopicPartitionKey, int] = {}
+        for job in dispatcher.running(ours):
+            tp, offset = job.ref
+            high[tp] = max(offset, high.get(tp, -1))
+        for tp in self._commits.tracker.partitions():
+            if tps is None or tp in tps:
+                done = self._commits.tracker.highest_done(tp)
+                if done is not None:
+                    high[tp] = max(done, high.get(tp, -1))
+        dispatcher.drop(lambda job: ours(job) and job.ref[1] > high.get(job.ref[0], -1))
         deadline = time.monotonic() + self.mode.drain_timeout
         revoking = tps if tps is not None else frozenset(self._assigned)
         while True:

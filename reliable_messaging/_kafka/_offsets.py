@@ -73,6 +73,11 @@ class OffsetTracker:
             part.pending.pop()
         part.done = {o for o in part.done if o < offset}
 
+    def highest_done(self, tp: TopicPartitionKey) -> int | None:
+        """The highest offset of ``tp`` finished out of order (waiting for earlier ones), if any."""
+        part = self._partitions.get(tp)
+        return max(part.done) if part is not None and part.done else None
+
     def position(self, tp: TopicPartitionKey) -> int | None:
         """The offset to commit for ``tp`` (next to read), or None if nothing was processed."""
         part = self._partitions.get(tp)
