@@ -33,6 +33,7 @@ import pytest
 
 import reliable_messaging as rm
 from reliable_messaging import Broker, Delivery, Message, Reject, Retry, RetryPolicy, connect
+from reliable_messaging._facade import backend
 from reliable_messaging.testing import wait_for
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.2, max_delay=1.0, jitter=0.0)
@@ -583,3 +584,69 @@ class BrokerContract:
         assert calls == [1, 2]
         stats = consumer.stats
         assert (stats.processed, stats.failed, stats.retried, stats.dead_lettered) == (1, 1, 1, 0)
+
+    @pytest.mark.timeout(120)
+    def test_start_publish_and_stop_do_not_block_the_event_loop(
+        self, url: str, unique_name: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A service connects, starts a consumer, publishes and awaits confirms, consumes and stops, all from
+        coroutines: no step the loop runs takes 50 ms (asyncio's debug mode reports every slower one; the
+        blocking parts run off the loop). A ticker's worst gap per phase is printed and held under 100 ms: it
+        also counts the machine's scheduling noise, which is why the 50 ms check is on the loop's own steps."""
+        caplog.set_level(logging.WARNING, logger="asyncio")
+        stalls: dict[str, float] = {}
+        # connect() imports its backend (and the broker's client) on first use: tens of milliseconds, once per
+        # process, as any import. A service imports before it serves; so does this test.
+        backend(url.partition(":")[0])
+
+        async def service() -> int:
+            loop = asyncio.get_running_loop()
+            loop.slow_callback_duration = 0.05
+            worst = [0.0]
+            ticking = True
+
+            async def ticker() -> None:
+                last = loop.time()
+                while ticking:
+                    await asyncio.sleep(0.005)
+                    now = loop.time()
+                    worst[0] = max(worst[0], now - last - 0.005)
+                    last = now
+
+            async def phase(name: str) -> None:
+                await asyncio.sleep(0.02)  # the ticker runs: a stall of this phase is counted in it
+                stalls[name] = worst[0]
+                worst[0] = 0.0
+
+            tick = asyncio.create_task(ticker())
+            await asyncio.sleep(0.05)
+            await phase("idle")
+            seen: list[bytes] = []
+
+            async def handler(message: Message) -> None:
+                seen.append(message.body)
+
+            async with connect(url, name=unique_name, **self.settings) as broker:
+                await phase("connect")
+                consumer = await broker.consumer(unique_name, handler, group=unique_name,
+                                                 **self.consumer_settings).start()
+                await phase("start")
+                for i in range(20):
+                    await broker.publish(unique_name, f"m{i}")
+                await phase("publish")
+                deadline = loop.time() + 60
+                while len(seen) < 20 and loop.time() < deadline:
+                    await asyncio.sleep(0.01)
+                await phase("consume")
+                assert await consumer.stop() is True
+                await phase("stop")
+            await phase("close")
+            ticking = False
+            await tick
+            return len(seen)
+
+        assert asyncio.run(service(), debug=True) == 20
+        print(f"worst ticker gaps (ms): { {k: round(v * 1000, 1) for k, v in stalls.items()} }")
+        slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
+        assert slow == [], f"steps of the event loop took 50 ms or more: {slow}"
+        assert max(stalls.values()) <= 0.1, f"the ticker waited 100 ms or more (seconds by phase): {stalls}"
