@@ -646,7 +646,7 @@ class BrokerContract:
             return len(seen)
 
         assert asyncio.run(service(), debug=True) == 20
-        print(f"worst ticker gaps (ms): { {k: round(v * 1000, 1) for k, v in stalls.items()} }")
+        print(f"worst ticker gaps (ms): { {k: round(v * 1000, 1) for k, v in stalls.items()} }")  # noqa: T201 - the figures, with -s
         slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
         assert slow == [], f"steps of the event loop took 50 ms or more: {slow}"
         assert max(stalls.values()) <= 0.1, f"the ticker waited 100 ms or more (seconds by phase): {stalls}"
