@@ -420,9 +420,8 @@ class KafkaConsumer(LoopFriendly):
                 if now - full_since >= _PAUSE_WHEN_FULL_FOR:
                     self._throttle()
                     records = consume(self._fetch, 0)
-                if not records:
-                    self._completed.wait(min(timeout, 0.05))  # woken by the next handler to finish
-                    self._completed.clear()
+                if not records:  # until a quarter of the bound is free: fewer, larger rounds of this loop
+                    dispatcher.wait_below(bound - max(1, bound // 4) + 1, min(timeout, 0.05))
             else:
                 full_since = None
                 if self._throttled and room >= bound // 2:
