@@ -111,11 +111,12 @@ def library_producer(bootstrap: str, topic: str, n: int, payload: bytes) -> floa
     publish = producer.publish
     began = time.perf_counter()
     futures: list[DeliveryFuture] = [publish(topic, payload) for _ in range(n)]
-    remaining = producer.flush(120)
+    flushed = producer.flush(120)
     elapsed = time.perf_counter() - began
+    remaining = len(producer)
     failed = sum(1 for f in futures if f.exception(timeout=0) is not None)
     producer.close()
-    if remaining or failed:
+    if not flushed or failed:
         raise RuntimeError(f"library producer: {remaining} undelivered, {failed} failed futures")
     return n / elapsed
 
@@ -126,7 +127,7 @@ def library_producer(bootstrap: str, topic: str, n: int, payload: bytes) -> floa
 def fill(bootstrap: str, topic: str, n: int, payload: bytes) -> None:
     with KafkaProducer(KafkaProducerConfig(bootstrap_servers=bootstrap, linger=0.02)) as producer:
         futures = [producer.publish(topic, payload) for _ in range(n)]
-        if producer.flush(120) or any(f.exception(timeout=0) for f in futures):
+        if not producer.flush(120) or any(f.exception(timeout=0) for f in futures):
             raise RuntimeError("could not fill the consumer benchmark topic")
 
 

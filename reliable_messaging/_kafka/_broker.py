@@ -98,7 +98,7 @@ class KafkaBroker(Broker):
 
     def flush(self, timeout: float = 30.0) -> bool:
         producer = self._publisher
-        return producer is None or producer.flush(timeout) == 0
+        return producer is None or producer.flush(timeout)
 
     def _publisher_stats(self) -> PublisherStats:
         producer = self._publisher

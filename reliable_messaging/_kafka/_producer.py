@@ -259,17 +259,17 @@ class KafkaProducer:
 
     # -- draining -------------------------------------------------------------------------------
 
-    def flush(self, timeout: float | None = None) -> int:
-        """Wait until every queued message has its delivery report, at most ``timeout`` seconds.
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every publish so far is resolved (delivered or failed), at most ``timeout`` seconds.
 
-        ``None`` means ``delivery_timeout`` plus a margin: by then librdkafka has
-        reported every message it had. Returns how many messages are still
-        awaiting a report (0: every future returned so far is resolved). Those
-        futures stay pending and resolve later; nothing is dropped.
+        True if all were, as :meth:`RabbitMQPublisher.flush` (one shape for both brokers). ``None`` means
+        ``delivery_timeout`` plus a margin: by then librdkafka has reported every message it had. On False,
+        ``len(producer)`` says how many still await a report; their futures stay pending and resolve later:
+        nothing is dropped.
         """
         if timeout is None:
             timeout = self.config.delivery_timeout + _PURGE_GRACE
-        return int(self._producer.flush(max(0.0, timeout)))
+        return int(self._producer.flush(max(0.0, timeout))) == 0
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop accepting messages, wait up to ``timeout`` seconds for reports, then fail the rest.
