@@ -27,7 +27,7 @@ def test_unknown_guarantee_names_the_allowed_values() -> None:
 
 def test_kafka_presets_set_every_knob() -> None:
     with connect(KAFKA, guarantee="at-most-once") as broker:
-        assert "acks=0 idempotence=off commit=auto dedup=off" in repr(broker)
+        assert "acks=0 idempotence=off commit=before dedup=off" in repr(broker)
     with connect(KAFKA) as broker:
         assert broker.guarantee is Guarantee.AT_LEAST_ONCE
         assert "acks=all idempotence=on commit=manual_batch dedup=off" in repr(broker)

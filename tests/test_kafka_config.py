@@ -171,7 +171,7 @@ def test_commit_modes_map_to_librdkafka(mode: str, auto_commit: bool, auto_store
 
 
 @pytest.mark.parametrize(("field", "value", "pattern"), [
-    ("commit_mode", "sometimes", "commit_mode must be one of auto, manual, manual_batch, store_offsets"),
+    ("commit_mode", "sometimes", "commit_mode must be one of auto, before, manual, manual_batch, store_offsets"),
     ("commit_every", 0, "commit_every must be an int >= 1"),
     ("commit_every", True, "commit_every must be an int >= 1"),
     ("commit_interval", -1, "commit_interval must be a number of seconds > 0"),

@@ -90,3 +90,20 @@ def test_forget_drops_revoked_partitions() -> None:
     assert tracker.uncommitted() == {}
     tracker.processed(TP, 1)  # a late completion for a revoked partition is ignored
     assert tracker.partitions() == []
+
+
+def test_unhandled_is_the_first_received_offset_not_processed() -> None:
+    """CommitMode.BEFORE commits back to it on close: the records after it were committed but never handled."""
+    tracker = OffsetTracker()
+    for offset in range(10, 15):
+        tracker.received(TP, offset)
+    tracker.received(OTHER, 3)
+    tracker.processed(OTHER, 3)
+    assert tracker.unhandled() == {TP: 10}, "OTHER has nothing left: no commit for it"
+    tracker.processed(TP, 10)
+    tracker.processed(TP, 12)  # out of order: 11 is still not handled
+    assert tracker.unhandled() == {TP: 11}
+    assert tracker.unhandled([OTHER]) == {}
+    for offset in (11, 13, 14):
+        tracker.processed(TP, offset)
+    assert tracker.unhandled() == {}

@@ -5,7 +5,7 @@ destination    a topic
 source         the same topic, read in consumer group ``group`` (required)
 key            the record key (partitioning: same key, same partition, same order)
 dead letters   ``<source>.DLT``; retries wait in ``<source>.retry.<n>``
-presets        at-most-once: ``acks=0``, no idempotence, auto-commit;
+presets        at-most-once: ``acks=0``, no idempotence, offsets committed before handling;
                at-least-once: ``acks=all`` + idempotence, manual batch commits after processing;
                effectively-once: at-least-once + a dedup store
 =============  ==========================================================================
@@ -53,7 +53,7 @@ class KafkaBroker(Broker):
         }
         if self.guarantee is Guarantee.AT_MOST_ONCE:
             preset = {"producer": {"acks": Acks.ZERO, "enable_idempotence": False},
-                      "consumer": {"commit_mode": CommitMode.AUTO}}
+                      "consumer": {"commit_mode": CommitMode.BEFORE}}
         routed = split_settings(self.settings, {"producer": KafkaProducerConfig, "consumer": KafkaConsumerConfig},
                                 frozenset({"bootstrap_servers", "group_id"}))
         self._producer_settings = {"client_id": self.name, **preset["producer"], **routed["producer"]}
@@ -61,10 +61,10 @@ class KafkaBroker(Broker):
         # Validate now: an invalid combination is an error of connect(), not of the first publish.
         self._producer_config = KafkaProducerConfig(bootstrap_servers=servers, **self._producer_settings)
         probe = KafkaConsumerConfig(bootstrap_servers=servers, group_id=self.name, **self._consumer_settings)
-        if self.dedup is not None and probe.mode is CommitMode.AUTO:
+        if self.dedup is not None and probe.mode in (CommitMode.AUTO, CommitMode.BEFORE):
             raise ConfigurationError(
-                "dedup with auto-commit: the offset may be committed before the handler ran, and no dedup "
-                "store can bring back a message that was skipped; use manual commits (at-least-once)",
+                f"dedup with commit_mode={probe.mode.value}: the offset may be committed before the handler ran, and "
+                "no dedup store can bring back a message that was skipped; use manual commits (at-least-once)",
                 field="commit_mode")
         self._consumer_mode = probe.mode
         self._extra = {k: v for k, v in probe.extra.items() if k.startswith(_SECURITY_PREFIXES)}
@@ -73,9 +73,9 @@ class KafkaBroker(Broker):
             acks = self._producer_config.acks_level
             if acks is not Acks.ALL:
                 weakened.append(f"acks={acks.value} (a message the leader acknowledged can be lost with it)")
-            if probe.mode is CommitMode.AUTO:
-                weakened.append("commit_mode=auto (offsets can be committed before the handler ran: a crash "
-                                "loses those messages)")
+            if probe.mode in (CommitMode.AUTO, CommitMode.BEFORE):
+                weakened.append(f"commit_mode={probe.mode.value} (offsets can be committed before the handler ran: "
+                                "a crash loses those messages)")
         self._check_weakening(weakened)
         self._publisher: KafkaProducer | None = None
 

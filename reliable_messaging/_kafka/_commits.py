@@ -16,6 +16,8 @@ prefix per partition); this decides when they go to the broker, per
 - ``STORE_OFFSETS``: the offset is stored after each record; librdkafka commits stored offsets in
   the background.
 - ``AUTO``: librdkafka stores and commits by itself.
+- ``BEFORE``: each fetched batch's offsets synchronously before it is handled (:meth:`ahead`); on revoke and close
+  the processed prefix, which moves the committed offset back to the first record not handled.
 
 Every mode commits synchronously on revoke and on close. Thread-confined: the consumer thread
 (commit callbacks are served inside its ``consume()``).
@@ -95,6 +97,20 @@ class Commits:
         if self.since and self.in_flight is None and time.monotonic() - self.last >= self.interval:
             self.commit_async()
 
+    def ahead(self, positions: dict[TopicPartitionKey, int]) -> bool:
+        """``BEFORE``: commit ``positions`` (the offsets after a fetched batch) before handling it; False if the
+        broker did not take the commit: then the batch must not be handled (a crash would repeat it)."""
+        try:
+            for attempt in _COMMIT_RETRY.retrying(retry_on=(BrokerUnavailable,), what="commit"):
+                with attempt:
+                    self._commit_offsets(positions)
+        except ReliableMessagingError as exc:
+            self.counters["commit_failures"] += 1
+            logger.warning("commit before handling failed: %s; the batch is read again", exc)
+            return False
+        self.counters["commits"] += 1
+        return True
+
     # -- committing -----------------------------------------------------------------------------
 
     def commit_async(self) -> None:
@@ -117,7 +133,9 @@ class Commits:
         """Commit the processed prefix of ``tps`` (all partitions if None) and wait for the broker."""
         if self.mode is CommitMode.AUTO:
             return self._commit_stored(why)
-        positions = self.tracker.uncommitted(tps)
+        # BEFORE committed past every record fetched: move back to the first one not handled, for the next owner.
+        before = self.mode is CommitMode.BEFORE
+        positions = self.tracker.unhandled(tps) if before else self.tracker.uncommitted(tps)
         if not positions:
             if tps is None:
                 self._reset()

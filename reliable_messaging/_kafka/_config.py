@@ -128,6 +128,11 @@ class CommitMode(str, enum.Enum):
       ``commit_interval``. A crash can **lose** messages (committed, never
       processed) and **repeat** messages (processed, not yet committed).
       No dedup store can repair the loss, so ``AUTO`` with dedup is refused.
+    - ``BEFORE``: at-most-once. The offsets of each fetched batch are committed
+      synchronously before any of its records is handled, so a crash never
+      repeats a record: it loses those fetched and not yet handled (at most the
+      fetch size). A graceful stop or revoke commits back to the first record
+      not handled, which the next owner reads: only a crash loses.
     - ``MANUAL``: a synchronous commit after every message. A crash repeats at
       most one message; throughput is bounded by the commit round trip.
     - ``MANUAL_BATCH``: asynchronous commits of the processed offsets, at most
@@ -141,6 +146,7 @@ class CommitMode(str, enum.Enum):
     """
 
     AUTO = "auto"
+    BEFORE = "before"
     MANUAL = "manual"
     MANUAL_BATCH = "manual_batch"
     STORE_OFFSETS = "store_offsets"

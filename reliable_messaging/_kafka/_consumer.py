@@ -182,9 +182,9 @@ class KafkaConsumer(LoopFriendly):
                                      field="dedup")
         self.config = config
         self._mode = config.mode
-        if self._mode is CommitMode.AUTO and dedup is not None:
+        if self._mode in (CommitMode.AUTO, CommitMode.BEFORE) and dedup is not None:
             raise ConfigurationError(
-                "commit_mode='auto' cannot be combined with a dedup store: auto-commit may commit a record "
+                f"commit_mode={self._mode.value!r} cannot be combined with a dedup store: it commits a record "
                 "before its handler ran, and deduplication cannot bring a skipped record back; use "
                 "'manual', 'manual_batch' or 'store_offsets'", field="dedup",
             )
@@ -439,6 +439,7 @@ class KafkaConsumer(LoopFriendly):
         deferred = self._skip
         deferred.clear()
         lane = self.mode.lane
+        items: list[tuple[TopicPartitionKey, int, KafkaMessage, Outcome | None]] = []
         for raw in records:
             err = raw.error()
             if err is not None:
@@ -451,13 +452,31 @@ class KafkaConsumer(LoopFriendly):
             if item is None:
                 deferred.add(tp)
                 continue
-            _tp, offset, message, outcome = item
+            items.append(item)
+        if self._mode is CommitMode.BEFORE and items \
+                and not self._commit_ahead([(tp, offset) for tp, offset, *_ in items]):
+            return
+        for tp, offset, message, outcome in items:
             job = Job(lane(message.key, tp), message, (tp, offset))
             if outcome is not None:  # undecodable: straight to its dead-letter topic
                 job.outcome = outcome
                 self._completions.append((job, None))
             else:
                 dispatcher.submit(job)
+
+    def _commit_ahead(self, records: list[tuple[TopicPartitionKey, int]]) -> bool:
+        """``CommitMode.BEFORE``: commit past ``records`` before any is handled. If the broker does not take the
+        commit, rewind their partitions to them and handle none (read again, committed first next time)."""
+        first: dict[TopicPartitionKey, int] = {}
+        after: dict[TopicPartitionKey, int] = {}
+        for tp, offset in records:
+            first.setdefault(tp, offset)
+            after[tp] = max(after.get(tp, 0), offset + 1)
+        if self._commits.ahead(after):
+            return True
+        for tp, offset in first.items():
+            self._defer(tp, offset, _REPUBLISH_BACKOFF, "its commit before handling failed")
+        return False
 
     def _job_done(self, job: Job, error: BaseException | None) -> None:
         """(a handler's thread or task) Hand the finished job to the polling thread."""
@@ -614,6 +633,8 @@ class KafkaConsumer(LoopFriendly):
             else:
                 batch.append(item)
         if not batch:
+            return
+        if self._mode is CommitMode.BEFORE and not self._commit_ahead([(tp, offset) for tp, offset, *_ in batch]):
             return
         runner = self._runner
         if self._dedup:  # claim the batch's message ids at once

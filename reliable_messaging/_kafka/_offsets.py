@@ -83,6 +83,11 @@ class OffsetTracker:
         part = self._partitions.get(tp)
         return None if part is None else part.position
 
+    def unhandled(self, tps: Iterable[TopicPartitionKey] | None = None) -> dict[TopicPartitionKey, int]:
+        """The first offset received and not yet processed, per partition that has one."""
+        keys = self._partitions.keys() if tps is None else [tp for tp in tps if tp in self._partitions]
+        return {tp: self._partitions[tp].pending[0] for tp in keys if self._partitions[tp].pending}
+
     def uncommitted(self, tps: Iterable[TopicPartitionKey] | None = None) -> dict[TopicPartitionKey, int]:
         """Positions that moved since their last successful commit."""
         keys = self._partitions.keys() if tps is None else [tp for tp in tps if tp in self._partitions]
