@@ -591,8 +591,10 @@ class BrokerContract:
     ) -> None:
         """A service connects, starts a consumer, publishes and awaits confirms, consumes and stops, all from
         coroutines: no step the loop runs takes 50 ms (asyncio's debug mode reports every slower one; the
-        blocking parts run off the loop). A ticker's worst gap per phase is printed and held under 100 ms: it
-        also counts the machine's scheduling noise, which is why the 50 ms check is on the loop's own steps."""
+        blocking parts run off the loop). A ticker's worst gap per phase is printed and held under 250 ms: it
+        also counts the machine's scheduling noise and other threads holding the GIL (124 ms was seen once during
+        publish on a 2-core machine busy with a pip install and another broker client, with no slow step), which is
+        why the 50 ms check is on the loop's own steps; a blocking connect or stop takes far longer than 250 ms."""
         caplog.set_level(logging.WARNING, logger="asyncio")
         stalls: dict[str, float] = {}
         # connect() imports its backend (and the broker's client) on first use: tens of milliseconds, once per
@@ -649,4 +651,4 @@ class BrokerContract:
         print(f"worst ticker gaps (ms): { {k: round(v * 1000, 1) for k, v in stalls.items()} }")  # noqa: T201 - the figures, with -s
         slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
         assert slow == [], f"steps of the event loop took 50 ms or more: {slow}"
-        assert max(stalls.values()) <= 0.1, f"the ticker waited 100 ms or more (seconds by phase): {stalls}"
+        assert max(stalls.values()) <= 0.25, f"the ticker waited 250 ms or more (seconds by phase): {stalls}"
