@@ -140,8 +140,8 @@ def _node_by_name(name: str) -> LocalNode:
     raise BrokerSetupError(f"unknown node {name!r} (see `status` for names)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reliable_messaging.testing.brokers", description=__doc__,
+def main(argv: Sequence[str] | None = None, prog: str = "python -m reliable_messaging.testing.brokers") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["up", "down", "status", "env", "kill", "restart"])
     parser.add_argument("targets", nargs="*", help=f"{', '.join(TARGETS)} or all (kill/restart: a node name)")

@@ -1,0 +1,156 @@
+"""The ``reliable-messaging`` command (also ``python -m reliable_messaging``), on click and rich.
+
+Exit codes:
+
+- 0: done; for ``verify``, every guarantee audited held;
+- 1: ``verify``: a guarantee did not hold (the report says which and by how much); ``brokers``: it failed;
+- 2: invalid usage or configuration (a bad option, an unknown setting, an invalid URL);
+- 3: the run could not be carried out (unreachable broker, a consumer process that died on its own, a timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+try:
+    import click
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("the reliable-messaging command needs click and rich: "
+                      "pip install 'reliable-messaging[cli]'") from exc
+
+from ._broker import Guarantee
+from ._errors import ConfigurationError, ReliableMessagingError
+from ._log import redact
+from ._verify import VerifyReport, verify
+
+EXIT_NOT_HELD = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``field=value`` -> (field, value): the value as JSON when it parses (numbers, true/false, null, quoted
+    strings, lists), else as a plain string (``acks=all``, ``commit_mode=auto``)."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise click.BadParameter(f"expected field=value, got {text!r}", param_hint="--set")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return name.strip(), value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="reliable-messaging")
+def main() -> None:
+    """Reliable delivery over Kafka and RabbitMQ: audit it, run local brokers."""
+
+
+@main.command(name="verify")
+@click.argument("urls", nargs=-1, required=True, metavar="URL...")
+@click.option("-g", "--guarantee", "guarantees", multiple=True,
+              type=click.Choice([g.value for g in Guarantee]), help="Audit this preset (repeatable; default "
+              "effectively-once).")
+@click.option("-n", "--messages", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Messages to publish and consume.")
+@click.option("-k", "--kill-consumer-every", "kill_every", default=500, show_default=True,
+              type=click.IntRange(min=0), help="SIGKILL the consumer process after about this many handled "
+              "messages (0.5 to 1.5 times it, at random), and restart it; 0: no kills.")
+@click.option("-c", "--concurrency", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Handlers the consumer runs at once.")
+@click.option("-s", "--set", "settings", multiple=True, metavar="FIELD=VALUE",
+              help="A connect() setting, e.g. --set prefetch=50, --set commit_mode=auto --set allow_weaker=true "
+              "(repeatable).")
+@click.option("--seed", type=int, default=None, help="Seed of the kill points (replays a run's choices).")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds one audit may take.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per audit on stdout, nothing else.")
+def verify_command(urls: tuple[str, ...], guarantees: tuple[str, ...], messages: int, kill_every: int,
+                   concurrency: int, settings: tuple[str, ...], seed: int | None, timeout: float,
+                   as_json: bool) -> None:
+    """Publish numbered messages to each URL, consume them in a separate process killed at random moments, and
+    report what was lost and repeated against what each guarantee promises.
+
+    URL: kafka://host:port[,host:port] or amqp://user:password@host:port/vhost. Exits 0 only if every promise held.
+    """
+    overrides = dict(parse_setting(s) for s in settings)
+    wanted = [Guarantee(g) for g in guarantees] or [Guarantee.EFFECTIVELY_ONCE]
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log or a pipe: no wrapping at 80 columns
+        console = Console(stderr=True, width=140)
+    reports: list[VerifyReport] = []
+    for url in urls:
+        for guarantee in wanted:
+            label = f"{redact(url)} {guarantee.value}"
+            try:
+                with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("kills {task.fields[kills]}"), TimeElapsedColumn(), console=console,
+                              disable=as_json or not console.is_terminal, transient=True) as bar:
+                    task = bar.add_task(label, total=messages, kills=0)
+
+                    def progress(handled: int, total: int, kills: int, task: Any = task, bar: Any = bar) -> None:
+                        bar.update(task, completed=handled, total=total, kills=kills)
+
+                    report = verify(url, guarantee=guarantee, messages=messages, kill_every=kill_every,
+                                    concurrency=concurrency, settings=overrides, seed=seed, timeout=timeout,
+                                    progress=progress)
+            except ConfigurationError as exc:
+                console.print(f"[red]error:[/red] {label}: {exc}", markup=True, highlight=False)
+                sys.exit(EXIT_USAGE)
+            except ReliableMessagingError as exc:
+                console.print(f"[red]error:[/red] {label}: {type(exc).__name__}: {exc}", highlight=False)
+                sys.exit(EXIT_FAILED)
+            reports.append(report)
+            if as_json:
+                click.echo(json.dumps(report.to_json()))
+            elif not console.is_terminal:
+                console.print(f"{label}: {'held' if report.held else 'NOT HELD'} "
+                              f"(lost {report.lost}, repeated {report.duplicates_processed}, kills {report.kills}, "
+                              f"{report.seconds:.0f} s)", highlight=False)
+    if not as_json:
+        out = Console()
+        if not out.is_terminal:  # a log or a pipe: no wrapping at 80 columns
+            out = Console(width=140)
+        out.print(report_table(reports))
+    sys.exit(0 if all(r.held for r in reports) else EXIT_NOT_HELD)
+
+
+def short_promise(report: VerifyReport) -> str:
+    if report.guarantee == Guarantee.AT_MOST_ONCE.value:
+        return "repeated = 0"
+    if report.guarantee == Guarantee.AT_LEAST_ONCE.value:
+        return "lost = 0"
+    return f"lost = 0, repeated <= {report.repeat_bound}"
+
+
+def report_table(reports: list[VerifyReport]) -> Table:
+    table = Table(title="Delivery audit: consumer SIGKILLed at random moments, restarted on the same store",
+                  title_justify="left")
+    for column, justify in (("broker", "left"), ("guarantee", "left"), ("promise", "left"), ("confirmed", "right"),
+                            ("kills", "right"), ("lost", "right"), ("repeated", "right"),
+                            ("deduplicated", "right"), ("seconds", "right"), ("held", "left")):
+        table.add_column(column, justify=justify, no_wrap=column != "promise")  # type: ignore[arg-type]
+    for r in reports:
+        table.add_row(r.broker, r.guarantee, short_promise(r), f"{r.confirmed:,}", str(r.kills), f"{r.lost:,}",
+                      f"{r.duplicates_processed:,}", f"{r.duplicates_delivered - r.duplicates_processed:,}",
+                      f"{r.seconds:.0f}", "[green]yes[/green]" if r.held else "[red]NO[/red]")
+    return table
+
+
+@main.command(name="brokers", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def brokers_command(args: tuple[str, ...]) -> None:
+    """Local brokers for development and tests: up|down|status|env|kill|restart [targets] (see `brokers -h`)."""
+    from .testing.brokers import main as brokers_main
+
+    sys.exit(brokers_main(list(args), prog="reliable-messaging brokers"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
