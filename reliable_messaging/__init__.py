@@ -12,6 +12,7 @@ import importlib
 import typing
 
 from ._broker import Broker, Consumer, Guarantee
+from ._check import Finding, Severity, check
 from ._dedup import ClaimResult, DedupStore, MemoryDedupStore, RedisDedupStore, SQLiteDedupStore
 from ._errors import (
     TRANSIENT_ERRORS,
@@ -42,8 +43,8 @@ from ._handling import ConsumerStats, Disposition, Outcome
 from ._message import DEFERRALS_HEADER, Delivery, DeliveryFuture, Message
 from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._stats import BrokerStats, PublisherStats
-
-__version__ = "0.1.0"
+from ._verify import VerifyReport, verify
+from ._version import __version__
 
 if typing.TYPE_CHECKING:  # the static view of the lazily imported backends
     from ._kafka import (
@@ -121,6 +122,7 @@ __all__ = [
     "DeliveryFuture",
     "DeliveryTimeout",
     "Disposition",
+    "Finding",
     "Guarantee",
     "HandlerAborted",
     "HandlerTimeout",
@@ -158,12 +160,16 @@ __all__ = [
     "Retry",
     "RetryPolicy",
     "SQLiteDedupStore",
+    "Severity",
     "StoreUnavailable",
     "TopologyMismatch",
     "Unroutable",
+    "VerifyReport",
     "__version__",
+    "check",
     "connect",
     "is_transient",
+    "verify",
 ]
 
 

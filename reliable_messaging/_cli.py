@@ -3,9 +3,11 @@
 Exit codes:
 
 - 0: done; for ``verify``, every guarantee audited held;
-- 1: ``verify``: a guarantee did not hold (the report says which and by how much); ``brokers``: it failed;
+- 1: ``verify``: a guarantee did not hold (the report says which and by how much); ``check``: a finding is an
+  error; ``brokers``: it failed;
 - 2: invalid usage or configuration (a bad option, an unknown setting, an invalid URL);
-- 3: the run could not be carried out (unreachable broker, a consumer process that died on its own, a timeout).
+- 3: the run could not be carried out (unreachable broker, a consumer process that died on its own, a timeout;
+  ``redrive``: a copy the broker did not confirm, whose dead letter stays).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
                       "pip install 'reliable-messaging[cli]'") from exc
 
 from ._broker import Guarantee
+from ._check import Finding, Severity, check
 from ._errors import ConfigurationError, ReliableMessagingError
 from ._log import redact
+from ._redrive import redrive
 from ._verify import VerifyReport, verify
 
 EXIT_NOT_HELD = 1
@@ -141,6 +145,109 @@ def report_table(reports: list[VerifyReport]) -> Table:
                       f"{r.duplicates_processed:,}", f"{r.duplicates_delivered - r.duplicates_processed:,}",
                       f"{r.seconds:.0f}", "[green]yes[/green]" if r.held else "[red]NO[/red]")
     return table
+
+
+@main.command(name="check")
+@click.argument("url")
+@click.option("-t", "--topic", help="Kafka: the topic to check.")
+@click.option("-q", "--queue", help="RabbitMQ: the queue to check.")
+@click.option("-g", "--guarantee", default=Guarantee.AT_LEAST_ONCE.value, show_default=True,
+              type=click.Choice([g.value for g in Guarantee]), help="The guarantee the settings must keep.")
+@click.option("--group", help="Kafka: a consumer group whose lag on the topic to report.")
+@click.option("--management-url", help="RabbitMQ: the management API (default http://<host>:15672, the URL's "
+              "credentials).")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds each request to the broker may take.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per finding on stdout, nothing else.")
+def check_command(url: str, topic: str | None, queue: str | None, guarantee: str, group: str | None,
+                  management_url: str | None, timeout: float, as_json: bool) -> None:
+    """Read the broker's settings for a topic or queue and report what undoes the guarantee.
+
+    Exits 1 if any finding is an error (e.g. a topic whose min.insync.replicas equals its replication factor, a
+    queue that is not durable, a dead-letter exchange bound to nothing), 0 otherwise; warnings are printed.
+    """
+    console = Console(stderr=True)
+    try:
+        findings = check(url, topic=topic, queue=queue, guarantee=guarantee, group=group,
+                         management_url=management_url, timeout=timeout)
+    except ConfigurationError as exc:
+        console.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(EXIT_USAGE)
+    except ReliableMessagingError as exc:
+        console.print(f"error: {redact(url)}: {type(exc).__name__}: {exc}", highlight=False, markup=False)
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        for finding in findings:
+            click.echo(json.dumps(finding.to_json()))
+    else:
+        out = Console() if Console().is_terminal else Console(width=140)
+        out.print(findings_table(f"{redact(url)} {topic or queue} under {guarantee}", findings))
+    sys.exit(EXIT_NOT_HELD if any(f.severity is Severity.ERROR for f in findings) else 0)
+
+
+def findings_table(title: str, findings: list[Finding]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("severity", no_wrap=True)
+    table.add_column("subject", no_wrap=True)
+    table.add_column("finding")
+    style = {Severity.ERROR: "[red]error[/red]", Severity.WARNING: "[yellow]warning[/yellow]",
+             Severity.OK: "[green]ok[/green]"}
+    for finding in findings:
+        table.add_row(style[finding.severity], finding.subject, finding.message)
+    return table
+
+
+@main.command(name="redrive")
+@click.argument("url")
+@click.option("--from", "dead_letters", required=True, metavar="SOURCE[.DLT|.dlq]",
+              help="The source whose dead letters to move back (its dead-letter topic or queue may be named).")
+@click.option("-n", "--max", "limit", type=click.IntRange(min=1), help="Move at most this many.")
+@click.option("--rate", type=click.FloatRange(min=0.001), help="At most this many per second.")
+@click.option("--error-type", help="Only dead letters whose last error is of this class (name or dotted path).")
+@click.option("--reason", help="Only dead letters whose reason contains this text.")
+@click.option("--dry-run", is_flag=True, help="List what would move; move nothing.")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a copy may take to be confirmed, and the broker to answer.")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object on stdout.")
+def redrive_command(url: str, dead_letters: str, limit: int | None, rate: float | None, error_type: str | None,
+                    reason: str | None, dry_run: bool, timeout: float, as_json: bool) -> None:
+    """Move dead letters back to their origin: each copy confirmed by the broker before its dead letter is removed,
+    the message id kept (an effectively-once consumer handles a copy repeated by a crash once).
+
+    Exits 0 when it went through the dead letters (up to --max), 3 if a copy was not confirmed (the dead letter
+    stays) or the broker could not be reached.
+    """
+    source = dead_letters
+    for suffix in (".DLT", ".dlq"):
+        source = source.removesuffix(suffix)
+    console = Console(stderr=True)
+    try:
+        with Progress(TextColumn(f"redrive {source}"), TextColumn("{task.completed} moved"), TimeElapsedColumn(),
+                      console=console, disable=as_json or not console.is_terminal, transient=True) as bar:
+            task = bar.add_task("redrive", total=None)
+            report = redrive(url, source, limit=limit, rate=rate, error_type=error_type, reason=reason,
+                             dry_run=dry_run, timeout=timeout, progress=lambda moved: bar.update(task, completed=moved))
+    except ConfigurationError as exc:
+        console.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(EXIT_USAGE)
+    except ReliableMessagingError as exc:
+        console.print(f"error: {redact(url)}: {type(exc).__name__}: {exc}", highlight=False, markup=False)
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+        return
+    out = Console() if Console().is_terminal else Console(width=140)
+    if dry_run:
+        table = Table(title=f"{len(report.listed)} dead letter(s) of {report.dead_letters} would move",
+                      title_justify="left")
+        for column in ("message id", "origin", "error type", "reason"):
+            table.add_column(column)
+        for letter in report.listed:
+            table.add_row(letter.message_id or "", letter.origin, letter.error_type or "", letter.reason or "")
+        out.print(table)
+    else:
+        out.print(f"moved {report.moved} dead letter(s) from {report.dead_letters} back to their origin"
+                  + (f"; {report.skipped} did not match the filters" if report.skipped else ""), highlight=False)
 
 
 @main.command(name="brokers", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -54,3 +54,26 @@ def test_invalid_arguments_fail_before_anything_connects(kwargs: dict[str, objec
 def test_an_in_process_broker_cannot_be_audited() -> None:
     with pytest.raises(ConfigurationError, match="outside the process"):
         verify("memory://")
+
+
+def test_the_management_api_defaults_to_the_amqp_urls_host_and_credentials() -> None:
+    from reliable_messaging._rabbitmq._check import management_url_of
+
+    assert management_url_of("amqp://app:s%40cret@mq.internal:5672/prod") == "http://app:s%40cret@mq.internal:15672"
+    assert management_url_of("amqps://mq.internal/%2F") == "https://mq.internal:15672"
+
+
+@pytest.mark.parametrize(("url", "kwargs", "field"), [
+    ("kafka://127.0.0.1:1", {"queue": "q"}, "topic"),
+    ("amqp://127.0.0.1:1/%2F", {"topic": "t"}, "queue"),
+    ("memory://", {"topic": "t"}, "url"),
+    ("kafka://127.0.0.1:1", {"topic": "t", "guarantee": "exactly-once"}, "guarantee"),
+    ("kafka://127.0.0.1:1", {"topic": "t", "timeout": 0}, "timeout"),
+])
+def test_check_refuses_what_it_cannot_check_before_connecting(url: str, kwargs: dict[str, object],
+                                                              field: str) -> None:
+    from reliable_messaging import check
+
+    with pytest.raises(ConfigurationError) as info:
+        check(url, **kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field

@@ -65,7 +65,7 @@ proxy can cut live Kafka connections (Kafka clients connect to advertised addres
 CLUSTER_NODE_IDS = (1, 2, 3)
 CLUSTER_BASE_PORT = 19092
 """Cluster node n listens on 19092 + 2(n-1) (broker) and 19093 + 2(n-1) (controller)."""
-RABBITMQ_PORT, RABBITMQ_DIST_PORT = 5672, 25672
+RABBITMQ_PORT, RABBITMQ_DIST_PORT, RABBITMQ_MANAGEMENT_PORT = 5672, 25672, 15672
 REDIS_PORT = 6379
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ._local import (
     HOST,
     RABBITMQ_DIST_PORT,
+    RABBITMQ_MANAGEMENT_PORT,
     RABBITMQ_PORT,
     REDIS_PORT,
     BrokerSetupError,
@@ -85,10 +86,13 @@ def _rabbitmq_prepare(node: LocalNode) -> None:
             # consumer_timeout: an unacknowledged delivery older than this closes the channel
             # (PRECONDITION_FAILED). 30 min is RabbitMQ's default; tests that show it set their own.
             "consumer_timeout = 1800000",
+            # The management HTTP API: `reliable-messaging check` reads queue arguments there.
+            f"management.tcp.ip = {HOST}",
+            f"management.tcp.port = {node.ports['management']}",
             "",
         ])
     )
-    (config / "enabled_plugins").write_text("[].\n")
+    (config / "enabled_plugins").write_text("[rabbitmq_management].\n")
     if _is_root():
         subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(node.directory)], check=True, timeout=60)
 
@@ -124,7 +128,8 @@ def _rabbitmq_ready(node: LocalNode) -> bool:
 def rabbitmq_node() -> LocalNode:
     node = LocalNode(
         name=f"rm-test@{socket.gethostname().split('.')[0]}", kind="rabbitmq",
-        directory=run_dir() / "rabbitmq", ports={"client": RABBITMQ_PORT, "dist": RABBITMQ_DIST_PORT},
+        directory=run_dir() / "rabbitmq", ports={"client": RABBITMQ_PORT, "dist": RABBITMQ_DIST_PORT,
+                                                       "management": RABBITMQ_MANAGEMENT_PORT},
         start_grace=30.0,
     )
     node._prepare = _rabbitmq_prepare
