@@ -250,7 +250,8 @@ def redrive_command(url: str, dead_letters: str, limit: int | None, rate: float 
                   + (f"; {report.skipped} did not match the filters" if report.skipped else ""), highlight=False)
 
 
-@main.command(name="brokers", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(name="brokers", add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def brokers_command(args: tuple[str, ...]) -> None:
     """Local brokers for development and tests: up|down|status|env|kill|restart [targets] (see `brokers -h`)."""
