@@ -1,7 +1,7 @@
 """The ``unique_name`` teardown deletes what a test created on the brokers, and never fails a test.
 
-The proof runs a small test session of its own (pytester, in a subprocess, with the installed
-plugin): its one test creates Kafka topics and consumer groups and RabbitMQ queues and
+The proof runs a small test session of its own (pytester, in a subprocess, with the plugin
+enabled as a user enables it): its one test creates Kafka topics and consumer groups and RabbitMQ queues and
 exchanges from the fixture names, checks they exist, and writes the names down. Once that
 session has ended, this test checks with raw clients that every one of them is gone.
 
@@ -119,7 +119,8 @@ def test_teardown_deletes_what_the_test_created(
     pytester: pytest.Pytester, kafka_endpoint: KafkaEndpoint, rabbitmq_endpoint: RabbitMQEndpoint
 ) -> None:
     pytester.makepyfile(test_inner=INNER_TEST)
-    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", timeout=90)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-p", "reliable_messaging.testing.plugin",
+                                           timeout=90)
     result.assert_outcomes(passed=1)
     names = json.loads((pytester.path / "names.json").read_text())
 

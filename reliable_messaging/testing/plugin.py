@@ -1,7 +1,8 @@
 """pytest plugin: real-broker fixtures for reliable_messaging and for services built on it.
 
-Registered through the ``pytest11`` entry point, so installing the package makes
-these fixtures available; loading it starts nothing. Brokers are resolved
+Opt-in, so that its generic fixture names do not appear in every project that installs the package: a
+project enables it with ``pytest_plugins = ["reliable_messaging.testing.plugin"]`` in its root ``conftest.py``
+(or ``-p reliable_messaging.testing.plugin``). Loading it starts nothing. Brokers are resolved
 lazily, once per session, the first time a test asks for one (see
 :mod:`reliable_messaging.testing._endpoints` for the order).
 
