@@ -171,6 +171,9 @@ class ConsumerIO(IOThread):
         consuming = channel is self._channel
         if consuming:
             self._channel = None
+            # Its unacknowledged deliveries went back to the queue as it closed: the worker must not start
+            # one now (the broker redelivers it, maybe elsewhere), nor wait for the connection to close.
+            self.generation += 1
         else:
             self._copy_channel = None
         connection = self.connection
