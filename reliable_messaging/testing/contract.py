@@ -306,6 +306,9 @@ class BrokerContract:
                 sys.exit(3)
 
         with connect(url, retry=FAST_RETRY, name=unique_name, **self.settings) as broker:
+            # Declared first: `running` is true once the consumer's thread runs, before it declared its queue, and
+            # a publish to an exchange without its queue is unroutable (seen on RabbitMQ).
+            broker.declare(unique_name, source=unique_name)
             consumer = broker.consumer(unique_name, handler, group=unique_name, **self.consumer_settings)
             raised: list[BaseException] = []
 
