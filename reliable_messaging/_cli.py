@@ -7,12 +7,14 @@ Exit codes:
   error; ``brokers``: it failed;
 - 2: invalid usage or configuration (a bad option, an unknown setting, an invalid URL);
 - 3: the run could not be carried out (unreachable broker, a consumer process that died on its own, a timeout;
-  ``redrive``: a copy the broker did not confirm, whose dead letter stays).
+  ``redrive``: a copy the broker did not confirm, whose dead letter stays);
+- 130: ``verify`` interrupted (Ctrl-C, SIGTERM), after killing its consumer and deleting its topic/queue.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Any
 
@@ -35,6 +37,7 @@ from ._verify import VerifyReport, verify
 EXIT_NOT_HELD = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
+EXIT_INTERRUPTED = 130
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -85,6 +88,8 @@ def verify_command(urls: tuple[str, ...], guarantees: tuple[str, ...], messages:
     """
     overrides = dict(parse_setting(s) for s in settings)
     wanted = [Guarantee(g) for g in guarantees] or [Guarantee.EFFECTIVELY_ONCE]
+    # SIGTERM unwinds like Ctrl-C: the audit's consumer process is killed and its topic/queue deleted on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     console = Console(stderr=True)
     if not console.is_terminal:  # a log or a pipe: no wrapping at 80 columns
         console = Console(stderr=True, width=140)
@@ -110,6 +115,9 @@ def verify_command(urls: tuple[str, ...], guarantees: tuple[str, ...], messages:
             except ReliableMessagingError as exc:
                 console.print(f"[red]error:[/red] {label}: {type(exc).__name__}: {exc}", highlight=False)
                 sys.exit(EXIT_FAILED)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: verify() killed its consumer and deleted its topic/queue
+                console.print(f"interrupted: {label}", highlight=False, markup=False)
+                sys.exit(EXIT_INTERRUPTED)
             reports.append(report)
             if as_json:
                 click.echo(json.dumps(report.to_json()))
@@ -123,6 +131,10 @@ def verify_command(urls: tuple[str, ...], guarantees: tuple[str, ...], messages:
             out = Console(width=140)
         out.print(report_table(reports))
     sys.exit(0 if all(r.held for r in reports) else EXIT_NOT_HELD)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def short_promise(report: VerifyReport) -> str:

@@ -151,9 +151,9 @@ def verify(
         log_path, stderr_path = work / f"{source}.handled", work / f"{source}.stderr"
         log_path.unlink(missing_ok=True)
         ids = [f"{run_id}-{i:07d}" for i in range(messages)]
-        confirmed_ids, failed = _publish(url, preset, options, source, ids, deadline)
-        if destination is None:
+        if destination is None:  # on every way out, an interrupted run's too
             stack.callback(_delete, url, options, source)
+        confirmed_ids, failed = _publish(url, preset, options, source, ids, deadline)
         args = _ConsumerArgs(url=url, guarantee=preset, settings=options, source=source, group=f"{source}-g",
                              log=log_path, dedup=work / f"{source}.dedup.sqlite3", concurrency=concurrency,
                              stderr=stderr_path)

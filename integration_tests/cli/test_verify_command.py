@@ -5,8 +5,11 @@ non-zero exit — when a setting undoes it: an audit that cannot fail shows noth
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -93,3 +96,52 @@ def test_bad_input_and_an_unreachable_broker_end_with_their_exit_codes(kafka_end
     code, reports, err = run(secret, "-n", "5", "--set", "delivery_timeout=2", timeout=60)
     assert code == 3, (code, err)
     assert "s3cr3t-pw" not in err, err
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(120)
+def test_sigterm_stops_the_audit_and_cleans_up(rabbitmq_endpoint: RabbitMQEndpoint) -> None:
+    """Stopped mid-run, verify kills its consumer process, deletes its queues and exits 130, in bounded time."""
+    before = audit_queues(rabbitmq_endpoint.url)
+    proc = subprocess.Popen([sys.executable, "-m", "reliable_messaging", "verify", rabbitmq_endpoint.url,
+                             "-n", "20000", "-k", "0", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (children := consumer_pids(proc.pid)):  # publishing done, its consumer process started
+            assert proc.poll() is None and time.monotonic() < deadline, "verify did not get to consuming"
+            time.sleep(0.1)
+        mine = audit_queues(rabbitmq_endpoint.url) - before
+        assert mine, "the audit's queues exist while it runs"
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)
+    assert not [pid for pid in children if alive(pid)], "the audit's consumer process outlived it"
+    assert not mine & audit_queues(rabbitmq_endpoint.url), "the audit's queues were left behind"
+
+
+def consumer_pids(parent: int) -> list[int]:
+    """The verify consumer processes that ``parent`` started."""
+    found = subprocess.run(["pgrep", "-P", str(parent), "-f", "reliable_messaging._verify_consumer"],
+                           capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def audit_queues(url: str) -> set[str]:
+    """The rm-verify-* queues on the broker (management API: the local broker enables it)."""
+    from reliable_messaging._rabbitmq._check import _Api, management_url_of
+
+    queues = _Api(management_url_of(url), 10.0).get("queues") or []
+    return {q["name"] for q in queues if q["name"].startswith("rm-verify-")}
