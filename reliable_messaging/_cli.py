@@ -13,9 +13,11 @@ Exit codes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 try:
@@ -126,15 +128,31 @@ def verify_command(urls: tuple[str, ...], guarantees: tuple[str, ...], messages:
                               f"(lost {report.lost}, repeated {report.duplicates_processed}, kills {report.kills}, "
                               f"{report.seconds:.0f} s)", highlight=False)
     if not as_json:
-        out = Console()
-        if not out.is_terminal:  # a log or a pipe: no wrapping at 80 columns
-            out = Console(width=140)
-        out.print(report_table(reports))
+        stdout_console().print(report_table(reports))
     sys.exit(0 if all(r.held for r in reports) else EXIT_NOT_HELD)
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def exits_on_errors(console: Console, url: str) -> Iterator[None]:
+    """Invalid arguments exit 2, broker trouble 3, each with one line on stderr (the URL without its password)."""
+    try:
+        yield
+    except ConfigurationError as exc:
+        console.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(EXIT_USAGE)
+    except ReliableMessagingError as exc:
+        console.print(f"error: {redact(url)}: {type(exc).__name__}: {exc}", highlight=False, markup=False)
+        sys.exit(EXIT_FAILED)
+
+
+def stdout_console() -> Console:
+    """Tables on stdout; a log or a pipe gets 140 columns, not rich's 80."""
+    out = Console()
+    return out if out.is_terminal else Console(width=140)
 
 
 def short_promise(report: VerifyReport) -> str:
@@ -178,21 +196,14 @@ def check_command(url: str, topic: str | None, queue: str | None, guarantee: str
     Exits 1 if any finding is an error (e.g. a topic whose min.insync.replicas equals its replication factor, a
     queue that is not durable, a dead-letter exchange bound to nothing), 0 otherwise; warnings are printed.
     """
-    console = Console(stderr=True)
-    try:
+    with exits_on_errors(Console(stderr=True), url):
         findings = check(url, topic=topic, queue=queue, guarantee=guarantee, group=group,
                          management_url=management_url, timeout=timeout)
-    except ConfigurationError as exc:
-        console.print(f"error: {exc}", highlight=False, markup=False)
-        sys.exit(EXIT_USAGE)
-    except ReliableMessagingError as exc:
-        console.print(f"error: {redact(url)}: {type(exc).__name__}: {exc}", highlight=False, markup=False)
-        sys.exit(EXIT_FAILED)
     if as_json:
         for finding in findings:
             click.echo(json.dumps(finding.to_json()))
     else:
-        out = Console() if Console().is_terminal else Console(width=140)
+        out = stdout_console()
         out.print(findings_table(f"{redact(url)} {topic or queue} under {guarantee}", findings))
     sys.exit(EXIT_NOT_HELD if any(f.severity is Severity.ERROR for f in findings) else 0)
 
@@ -233,22 +244,16 @@ def redrive_command(url: str, dead_letters: str, limit: int | None, rate: float 
     for suffix in (".DLT", ".dlq"):
         source = source.removesuffix(suffix)
     console = Console(stderr=True)
-    try:
-        with Progress(TextColumn(f"redrive {source}"), TextColumn("{task.completed} moved"), TimeElapsedColumn(),
-                      console=console, disable=as_json or not console.is_terminal, transient=True) as bar:
-            task = bar.add_task("redrive", total=None)
-            report = redrive(url, source, limit=limit, rate=rate, error_type=error_type, reason=reason,
-                             dry_run=dry_run, timeout=timeout, progress=lambda moved: bar.update(task, completed=moved))
-    except ConfigurationError as exc:
-        console.print(f"error: {exc}", highlight=False, markup=False)
-        sys.exit(EXIT_USAGE)
-    except ReliableMessagingError as exc:
-        console.print(f"error: {redact(url)}: {type(exc).__name__}: {exc}", highlight=False, markup=False)
-        sys.exit(EXIT_FAILED)
+    with exits_on_errors(console, url), \
+            Progress(TextColumn(f"redrive {source}"), TextColumn("{task.completed} moved"), TimeElapsedColumn(),
+                     console=console, disable=as_json or not console.is_terminal, transient=True) as bar:
+        task = bar.add_task("redrive", total=None)
+        report = redrive(url, source, limit=limit, rate=rate, error_type=error_type, reason=reason,
+                         dry_run=dry_run, timeout=timeout, progress=lambda moved: bar.update(task, completed=moved))
     if as_json:
         click.echo(json.dumps(report.to_json()))
         return
-    out = Console() if Console().is_terminal else Console(width=140)
+    out = stdout_console()
     if dry_run:
         table = Table(title=f"{len(report.listed)} dead letter(s) of {report.dead_letters} would move",
                       title_justify="left")

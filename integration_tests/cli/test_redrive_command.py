@@ -19,21 +19,13 @@ from confluent_kafka import Consumer, TopicPartition
 
 import reliable_messaging as rm
 from reliable_messaging._redrive import REDRIVEN
-from reliable_messaging.testing import KafkaEndpoint, RabbitMQEndpoint, wait_for
+from reliable_messaging.testing import wait_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 TOTAL = 1000
+
 BROKERS = [pytest.param("kafka", marks=pytest.mark.kafka), pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
-
-
-@pytest.fixture
-def url(broker: str, request: pytest.FixtureRequest) -> str:
-    if broker == "kafka":
-        kafka: KafkaEndpoint = request.getfixturevalue("kafka_endpoint")
-        return f"kafka://{kafka.bootstrap_servers}"
-    rabbitmq: RabbitMQEndpoint = request.getfixturevalue("rabbitmq_endpoint")
-    return rabbitmq.url
 
 
 def command(*args: str) -> tuple[int, dict[str, Any], str]:

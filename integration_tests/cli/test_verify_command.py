@@ -21,15 +21,6 @@ pytestmark = [pytest.mark.fault, pytest.mark.slow]
 BROKERS = [pytest.param("kafka", marks=pytest.mark.kafka), pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
 
 
-@pytest.fixture
-def url(broker: str, request: pytest.FixtureRequest) -> str:
-    if broker == "kafka":
-        kafka: KafkaEndpoint = request.getfixturevalue("kafka_endpoint")
-        return f"kafka://{kafka.bootstrap_servers}"
-    rabbitmq: RabbitMQEndpoint = request.getfixturevalue("rabbitmq_endpoint")
-    return rabbitmq.url
-
-
 def run(*args: str, timeout: float = 240) -> tuple[int, list[dict[str, Any]], str]:
     """The command's exit code, its JSON reports (one per line) and its stderr."""
     done = subprocess.run([sys.executable, "-m", "reliable_messaging", "verify", "--json", *args],

@@ -436,27 +436,8 @@ class KafkaConsumer(LoopFriendly):
                 self._submit_batch(records, dispatcher)
 
     def _submit_batch(self, records: list[RawMessage], dispatcher: Dispatcher) -> None:
-        deferred = self._skip
-        deferred.clear()
         lane = self.mode.lane
-        items: list[tuple[TopicPartitionKey, int, KafkaMessage, Outcome | None]] = []
-        for raw in records:
-            err = raw.error()
-            if err is not None:
-                self._on_fetch_error(err)
-                continue
-            tp = (raw.topic() or "", raw.partition() or 0)
-            if deferred and tp in deferred:
-                continue
-            item = self._message(raw, tp)
-            if item is None:
-                deferred.add(tp)
-                continue
-            items.append(item)
-        if self._mode is CommitMode.BEFORE and items \
-                and not self._commit_ahead([(tp, offset) for tp, offset, *_ in items]):
-            return
-        for tp, offset, message, outcome in items:
+        for tp, offset, message, outcome in self._batch(records):
             job = Job(lane(message.key, tp), message, (tp, offset))
             if outcome is not None:  # undecodable: straight to its dead-letter topic
                 job.outcome = outcome
@@ -615,7 +596,9 @@ class KafkaConsumer(LoopFriendly):
             logger.warning("could not create retry/dead-letter topics (%s); relying on broker auto-creation", exc)
             logger.debug("topic creation failure", exc_info=exc)
 
-    def _handle_batch(self, records: list[RawMessage]) -> None:
+    def _batch(self, records: list[RawMessage]) -> list[tuple[TopicPartitionKey, int, KafkaMessage, Outcome | None]]:
+        """The fetched records as messages, less those of a partition rewound meanwhile (``self._skip``: they come
+        again); with ``CommitMode.BEFORE``, committed past before any is handled (none if that commit failed)."""
         deferred = self._skip
         deferred.clear()
         batch: list[tuple[TopicPartitionKey, int, KafkaMessage, Outcome | None]] = []
@@ -632,10 +615,16 @@ class KafkaConsumer(LoopFriendly):
                 deferred.add(tp)
             else:
                 batch.append(item)
+        if batch and self._mode is CommitMode.BEFORE \
+                and not self._commit_ahead([(tp, offset) for tp, offset, *_ in batch]):
+            return []
+        return batch
+
+    def _handle_batch(self, records: list[RawMessage]) -> None:
+        batch = self._batch(records)
         if not batch:
             return
-        if self._mode is CommitMode.BEFORE and not self._commit_ahead([(tp, offset) for tp, offset, *_ in batch]):
-            return
+        deferred = self._skip
         runner = self._runner
         if self._dedup:  # claim the batch's message ids at once
             runner.claim([message for _tp, _offset, message, bad in batch if bad is None])

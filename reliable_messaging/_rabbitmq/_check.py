@@ -22,6 +22,7 @@ from .._broker import Guarantee
 from .._check import Finding, Severity
 from .._errors import BrokerUnavailable
 from .._log import redact
+from ._topology import _blocking_channel
 
 __all__ = ["check_queue", "management_url_of"]
 
@@ -134,15 +135,7 @@ def _dead_letter(api: _Api, vhost: str, queue: str, arguments: dict[str, Any]) -
 
 
 def _exists(url: str, queue: str, timeout: float) -> bool:
-    parameters = pika.URLParameters(url)
-    parameters.socket_timeout = parameters.blocked_connection_timeout = timeout
-    parameters.connection_attempts = 1
-    try:
-        connection = pika.BlockingConnection(parameters)
-    except pika.exceptions.AMQPError as exc:
-        raise BrokerUnavailable(f"cannot connect to {redact(url)}: {type(exc).__name__}") from exc
-    try:
-        channel = connection.channel()
+    with _blocking_channel(url, timeout, "reliable-messaging check", redact(url)) as channel:
         try:
             channel.queue_declare(queue, passive=True)
         except pika.exceptions.ChannelClosedByBroker as exc:
@@ -150,6 +143,3 @@ def _exists(url: str, queue: str, timeout: float) -> bool:
                 return False
             raise BrokerUnavailable(f"checking queue {queue!r}: {exc.reply_code} {exc.reply_text}") from exc
         return True
-    finally:
-        if connection.is_open:
-            connection.close()

@@ -17,11 +17,11 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from .._errors import BrokerUnavailable, Nacked, ReliableMessagingError, Unroutable
+from .._errors import Nacked, ReliableMessagingError, Unroutable
 from .._headers import ERROR_TYPE, REASON
 from .._log import redact
 from .._redrive import DeadLetter, RedriveReport, _text, copy_headers, matches, origin_of
-from ._topology import dead_letter_queue_name
+from ._topology import _blocking_channel, dead_letter_queue_name
 
 __all__ = ["redrive_queue"]
 
@@ -44,65 +44,60 @@ def redrive_queue(url: str, source: str, *, limit: int | None, rate: float | Non
                   progress: Callable[[int], None] | None) -> RedriveReport:
     dlq = dead_letter_queue_name(source)
     report = RedriveReport(source=source, dead_letters=dlq, dry_run=dry_run)
-    parameters = pika.URLParameters(url)
-    parameters.socket_timeout = parameters.blocked_connection_timeout = timeout
-    parameters.connection_attempts = 1
-    parameters.client_properties = {"connection_name": f"rm-redrive.{source}"}
-    try:
-        connection = pika.BlockingConnection(parameters)
-    except pika.exceptions.AMQPError as exc:
-        raise BrokerUnavailable(f"cannot connect to {redact(url)}: {type(exc).__name__}") from exc
-    try:
-        reader = connection.channel()
+    interval = 1.0 / rate if rate else 0.0
+    # Leaving the block closes the connection, which returns the unacked (skipped, listed) dead letters.
+    with _blocking_channel(url, timeout, f"rm-redrive.{source}", redact(url)) as reader:
         try:
-            waiting = reader.queue_declare(dlq, passive=True).method.message_count
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return report  # no dead-letter queue: nothing to move
-            raise
-        writer = connection.channel()
-        writer.confirm_delivery()
-        interval = 1.0 / rate if rate else 0.0
-        for _ in range(waiting):
-            if limit is not None and report.moved + len(report.listed) >= limit:
-                break
-            method, properties, body = reader.basic_get(dlq, auto_ack=False)
-            if method is None:
-                break
-            headers: dict[str, Any] = dict(properties.headers or {})
-            if not matches(headers, error_type, reason):
-                report.skipped += 1
-                continue
-            origin = _origin(headers, source)
-            if dry_run:
-                report.listed.append(DeadLetter(properties.message_id, origin, _text(headers.get(ERROR_TYPE)),
-                                                _text(headers.get(REASON))))
-                continue
-            began = time.monotonic()
-            copy = copy_headers({k: v for k, v in headers.items() if k not in _BROKER_HEADERS})
-            sent = pika.BasicProperties(
-                content_type=properties.content_type, content_encoding=properties.content_encoding,
-                headers=copy, delivery_mode=pika.DeliveryMode.Persistent, priority=properties.priority,
-                correlation_id=properties.correlation_id, message_id=properties.message_id,
-                timestamp=properties.timestamp, type=properties.type, app_id=properties.app_id)
             try:
-                writer.basic_publish("", origin, body, sent, mandatory=True)
-            except pika.exceptions.UnroutableError as exc:
-                raise Unroutable(f"redrive: queue {origin!r} does not exist: the dead letter stays in {dlq}",
-                                 message_id=properties.message_id, reply_code=312, reply_text="NO_ROUTE",
-                                 exchange="", routing_key=origin) from exc
-            except pika.exceptions.NackError as exc:
-                raise Nacked(f"redrive: the broker refused the copy for {origin!r}: the dead letter stays in {dlq}",
-                             message_id=properties.message_id) from exc
-            reader.basic_ack(method.delivery_tag)
-            report.moved += 1
-            if progress is not None:
-                progress(report.moved)
-            if interval:
-                time.sleep(max(0.0, interval - (time.monotonic() - began)))
-        return report
-    except pika.exceptions.AMQPError as exc:
-        raise ReliableMessagingError(f"redrive of {dlq}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        if connection.is_open:
-            connection.close()  # unacked (skipped, listed) dead letters go back to their queue
+                waiting = reader.queue_declare(dlq, passive=True).method.message_count
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404:
+                    return report  # no dead-letter queue: nothing to move
+                raise
+            writer = reader.connection.channel()
+            writer.confirm_delivery()
+            for _ in range(waiting):
+                if limit is not None and report.moved + len(report.listed) >= limit:
+                    break
+                method, properties, body = reader.basic_get(dlq, auto_ack=False)
+                if method is None:
+                    break
+                headers: dict[str, Any] = dict(properties.headers or {})
+                if not matches(headers, error_type, reason):
+                    report.skipped += 1
+                    continue
+                origin = _origin(headers, source)
+                if dry_run:
+                    report.listed.append(DeadLetter(properties.message_id, origin, _text(headers.get(ERROR_TYPE)),
+                                                    _text(headers.get(REASON))))
+                    continue
+                began = time.monotonic()
+                _send_back(writer, origin, body, properties, headers, dlq)
+                reader.basic_ack(method.delivery_tag)  # only now: the copy is confirmed
+                report.moved += 1
+                if progress is not None:
+                    progress(report.moved)
+                if interval:
+                    time.sleep(max(0.0, interval - (time.monotonic() - began)))
+        except pika.exceptions.AMQPError as exc:
+            raise ReliableMessagingError(f"redrive of {dlq}: {type(exc).__name__}: {exc}") from exc
+    return report
+
+
+def _send_back(writer: Any, origin: str, body: bytes, properties: Any, headers: dict[str, Any], dlq: str) -> None:
+    """Publish the copy to the origin queue (persistent, mandatory) and wait for its confirm."""
+    copy = copy_headers({k: v for k, v in headers.items() if k not in _BROKER_HEADERS})
+    sent = pika.BasicProperties(
+        content_type=properties.content_type, content_encoding=properties.content_encoding,
+        headers=copy, delivery_mode=pika.DeliveryMode.Persistent, priority=properties.priority,
+        correlation_id=properties.correlation_id, message_id=properties.message_id,
+        timestamp=properties.timestamp, type=properties.type, app_id=properties.app_id)
+    try:
+        writer.basic_publish("", origin, body, sent, mandatory=True)
+    except pika.exceptions.UnroutableError as exc:
+        raise Unroutable(f"redrive: queue {origin!r} does not exist: the dead letter stays in {dlq}",
+                         message_id=properties.message_id, reply_code=312, reply_text="NO_ROUTE",
+                         exchange="", routing_key=origin) from exc
+    except pika.exceptions.NackError as exc:
+        raise Nacked(f"redrive: the broker refused the copy for {origin!r}: the dead letter stays in {dlq}",
+                     message_id=properties.message_id) from exc
