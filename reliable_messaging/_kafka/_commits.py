@@ -100,16 +100,7 @@ class Commits:
     def ahead(self, positions: dict[TopicPartitionKey, int]) -> bool:
         """``BEFORE``: commit ``positions`` (the offsets after a fetched batch) before handling it; False if the
         broker did not take the commit: then the batch must not be handled (a crash would repeat it)."""
-        try:
-            for attempt in _COMMIT_RETRY.retrying(retry_on=(BrokerUnavailable,), what="commit"):
-                with attempt:
-                    self._commit_offsets(positions)
-        except ReliableMessagingError as exc:
-            self.counters["commit_failures"] += 1
-            logger.warning("commit before handling failed: %s; the batch is read again", exc)
-            return False
-        self.counters["commits"] += 1
-        return True
+        return self._commit_retrying(positions, "commit before handling failed: %s; the batch is read again")
 
     # -- committing -----------------------------------------------------------------------------
 
@@ -140,18 +131,25 @@ class Commits:
             if tps is None:
                 self._reset()
             return True
+        if not self._commit_retrying(positions, f"commit ({why}) failed: %s; those records may be processed again"):
+            return False
+        self.tracker.committed(positions)
+        if tps is None:
+            self._reset()
+        return True
+
+    def _commit_retrying(self, positions: dict[TopicPartitionKey, int], failure: str) -> bool:
+        """Commit synchronously, retrying transient errors a few seconds; count it. False (and ``failure`` logged,
+        with the error for its ``%s``) if the broker did not take it."""
         try:
             for attempt in _COMMIT_RETRY.retrying(retry_on=(BrokerUnavailable,), what="commit"):
                 with attempt:
                     self._commit_offsets(positions)
         except ReliableMessagingError as exc:
             self.counters["commit_failures"] += 1
-            logger.warning("commit (%s) failed: %s; those records may be processed again", why, exc)
+            logger.warning(failure, exc)
             return False
-        self.tracker.committed(positions)
         self.counters["commits"] += 1
-        if tps is None:
-            self._reset()
         return True
 
     def _commit_offsets(self, positions: dict[TopicPartitionKey, int]) -> None:
