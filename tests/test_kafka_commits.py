@@ -93,6 +93,7 @@ def make(mode: CommitMode, handler: Any = None, **kwargs: Any) -> tuple[KafkaCon
     client = RecordingClient()
     consumer._consumer = client  # type: ignore[assignment]
     consumer._commits.client = client
+    consumer._partitions.client = client
     consumer._on_assign(client, [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])  # type: ignore[arg-type]
     return consumer, client
 
@@ -185,10 +186,8 @@ def test_records_of_a_revoked_partition_are_not_processed() -> None:
     seen: list[tuple[int, int]] = []
     consumer, client = make(CommitMode.MANUAL_BATCH, lambda m: seen.append((m.partition, m.offset)))
     consumer._on_revoke(client, [TopicPartition(TOPIC, 1)])  # type: ignore[arg-type]
-    # What the loop does after a consume() during which a rebalance was served:
-    assert consumer._rebalanced
-    batch = [record(0), record(0, partition=1)]
-    kept = [r for r in batch if (r.topic(), r.partition()) in consumer._assigned]
+    # What the loop does with the records of a consume() during which a rebalance was served:
+    kept = consumer._partitions.owned([record(0), record(0, partition=1)])
     consumer._handle_batch(kept)
     assert seen == [(0, 0)]
 
@@ -220,4 +219,4 @@ def test_retry_record_not_yet_due_pauses_its_partition() -> None:
     consumer._handle_batch([waiting, record(0)])
     assert [m.topic for m in seen] == [TOPIC], "the main topic goes on"
     assert client.seeks == [(f"{TOPIC}.retry.1", 0, 4)]
-    assert 55 < consumer._paused[(f"{TOPIC}.retry.1", 0)] - time.monotonic() <= 60
+    assert 55 < consumer._partitions.paused[(f"{TOPIC}.retry.1", 0)] - time.monotonic() <= 60

@@ -35,22 +35,13 @@ Threading: one thread (``start()``'s, or ``run()``'s caller) owns the
 librdkafka consumer and runs the handler, so records of a partition are handled
 in order. ``stop()`` may be called from any thread.
 
-With ``concurrency=N`` (> 1) that thread only polls and settles: it hands records to a
-:mod:`.._dispatch` dispatcher (records of one key, or of one partition, one at a time in
-offset order; up to ``N`` at once), takes back what finished (republishing failed records to
-their retry or dead-letter topic), and commits per partition the finished prefix, never past an
-unfinished record. Polling goes on while handlers run, so a slow handler never trips
-``max.poll.interval.ms``: with ``4 N`` records outstanding it stops taking records, and pauses
-fetching (pause/resume) if that lasts a second. On
-revoke the revoked partitions' records not started are dropped, those running get up to
-``drain_timeout`` to finish, and the finished prefix is committed before the partitions go;
-stopping does the same for every partition.
+With ``concurrency=N`` (> 1) that thread only polls and settles, and handlers run on a
+dispatcher: see :mod:`._concurrent`. Pausing and seeking back: :mod:`._partitions`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import threading
@@ -64,9 +55,8 @@ from confluent_kafka import Message as RawMessage
 
 from .. import _headers as h
 from .._dedup._base import DedupStore
-from .._dispatch import Concurrency, Dispatcher, Job, dispatcher_for
+from .._dispatch import Concurrency
 from .._errors import (
-    BrokerUnavailable,
     ClosedError,
     ConfigurationError,
     HandlerAborted,
@@ -78,10 +68,11 @@ from .._log import limit_repeats
 from .._message import MESSAGE_ID_HEADER, header_count
 from .._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._commits import Commits
+from ._concurrent import ConcurrentLoop
 from ._config import CommitMode, KafkaConsumerConfig
-from ._errors import kafka_error_of, operation_error
 from ._message import KafkaMessage, new_kafka_message
 from ._offsets import TopicPartitionKey
+from ._partitions import REPUBLISH_BACKOFF, Partitions
 from ._producer import KafkaProducer
 from ._republish import Republisher
 from ._topology import TopicNames, create_topics, partition_counts
@@ -90,20 +81,8 @@ __all__ = ["KafkaConsumer"]
 
 logger = limit_repeats(logging.getLogger("reliable_messaging.kafka.consumer"))
 
-_POLL_TIMEOUT = 0.2
-"""Seconds ``consume()`` waits for records: the longest ``stop()`` waits for an idle consumer."""
-
 _DUE_TOLERANCE_MS = 5
 """A retry record due within this many milliseconds is processed now rather than paused for."""
-
-_PAUSE_WHEN_FULL_FOR = 1.0
-"""Seconds a concurrent consumer stays full (``4 N`` records outstanding) before it pauses fetching."""
-
-_REPUBLISH_BACKOFF = 1.0
-"""Seconds a partition stays paused after its record could not be republished (retry/DLT publish failed)."""
-
-_SEEK_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.05, max_delay=0.5, jitter=0.0)
-"""seek() right after a rebalance can fail with _STATE until librdkafka starts fetching the partition."""
 
 _PRODUCER_SECURITY_PREFIXES = ("security.", "sasl.", "ssl.")
 
@@ -203,14 +182,6 @@ class KafkaConsumer(LoopFriendly):
             handler, retry=retry, decoder=decoder, dedup=dedup, dedup_key=dedup_key, loop=loop,
             concurrent=parallel.handlers > 1, handler_timeout=parallel.handler_timeout,
         )
-        self._dispatcher: Dispatcher | None = None
-        if parallel.handlers > 1:
-            self._dispatcher = dispatcher_for(self._runner, handler, parallel, self._job_done,
-                                              f"rm-kafka-handler-{config.group_id}")
-        self._completions: collections.deque[tuple[Job, BaseException | None]] = collections.deque()
-        self._completed = threading.Event()
-        self._throttled: set[TopicPartitionKey] = set()  # paused because too many records are outstanding
-        self._outstanding_bound = 4 * parallel.handlers
         self._decoding = decoder is not None
         self._runner.stats.extra.update({"deferred": 0, "republish_failures": 0})
         self._dedup = dedup is not None
@@ -237,10 +208,14 @@ class KafkaConsumer(LoopFriendly):
             self._fetch = min(self._fetch, self._commits.step)
         self._republisher = Republisher(config, self._names, self._levels, producer)
         self._received = self._commits.tracker.received
-        self._paused: dict[TopicPartitionKey, float] = {}
-        self._assigned: set[TopicPartitionKey] = set()
-        self._rebalanced = False
-        self._assigned_lock = threading.Lock()
+        self._partitions = Partitions(self._consumer, self._commits.tracker, self._runner.stats.extra)
+        self._concurrent: ConcurrentLoop | None = None
+        if parallel.handlers > 1:
+            self._concurrent = ConcurrentLoop(
+                self._runner, handler, parallel, group=config.group_id, partitions=self._partitions,
+                commits=self._commits, republisher=self._republisher, counters=self._runner.stats.extra,
+                batch=self._batch, abort=self._abort, fetch=self._fetch,
+            )
         self._skip: set[TopicPartitionKey] = set()  # partitions rewound during the current batch
 
         self._stop = threading.Event()
@@ -312,7 +287,7 @@ class KafkaConsumer(LoopFriendly):
             self._shutdown()
             return True
         if self._loop_thread is threading.current_thread() or (
-                self._dispatcher is not None and self._dispatcher.on_handler_thread()):
+                self._concurrent is not None and self._concurrent.dispatcher.on_handler_thread()):
             return False  # called from the handler: the loop stops after this record
         if not self._finished.wait(max(0.0, timeout)):
             logger.warning("consumer %s still busy %.1fs after stop(): its handler is still running; it commits "
@@ -338,8 +313,7 @@ class KafkaConsumer(LoopFriendly):
 
     def assignment(self) -> set[TopicPartitionKey]:
         """The (topic, partition) pairs this consumer owns right now (retry topics included)."""
-        with self._assigned_lock:
-            return set(self._assigned)
+        return self._partitions.snapshot()
 
     def _claim_run(self) -> None:
         if self._closed:
@@ -364,13 +338,14 @@ class KafkaConsumer(LoopFriendly):
             self._prepare_topics()
             self._consumer.subscribe(self._subscription, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                      on_lost=self._on_lost)
-            if self._dispatcher is not None:
-                self._loop_concurrent(self._dispatcher)
+            if self._concurrent is not None:
+                self._concurrent.run(self._stop)
                 return
             consume = self._consumer.consume
+            partitions = self._partitions
             stop = self._stop
             while not stop.is_set():
-                timeout = self._resume_due()
+                timeout = partitions.resume_due()
                 if self._commits.batched:
                     self._commits.on_time()
                 # consume(n, timeout) waits until it has n records or the timeout passed: take what
@@ -378,11 +353,7 @@ class KafkaConsumer(LoopFriendly):
                 records = consume(self._fetch, 0)
                 if not records:
                     records = consume(1, timeout)
-                if self._rebalanced:
-                    # A rebalance was served inside this consume(): drop records of partitions this
-                    # consumer no longer owns (their new owner reads them from the committed offset).
-                    self._rebalanced = False
-                    records = [r for r in records if (r.topic(), r.partition()) in self._assigned]
+                records = partitions.owned(records)  # less those of partitions revoked inside consume()
                 if records:
                     self._handle_batch(records)
         except Exception as exc:  # anything ending the loop is recorded, logged, and re-raised by run()
@@ -397,54 +368,6 @@ class KafkaConsumer(LoopFriendly):
             logger.error("consumer %s stopped: %s", self.config.group_id, self.error)
             raise
 
-    def _loop_concurrent(self, dispatcher: Dispatcher) -> None:
-        """Poll, hand records to the dispatcher, settle what finished, commit; pause fetching when full."""
-        consume = self._consumer.consume
-        stop = self._stop
-        bound = self._outstanding_bound
-        full_since: float | None = None
-        while not stop.is_set():
-            self._settle_finished()
-            timeout = self._resume_due()
-            if self._commits.batched:
-                self._commits.on_time()
-            room = bound - dispatcher.outstanding()
-            if room <= 0:
-                # Full: wait for a handler to finish. Pausing the partitions costs a fetch round trip (up to
-                # fetch.wait.max.ms) on resume, so only handlers slow enough to keep it full for a while get
-                # them paused, and consume() called (it serves rebalances and commit callbacks meanwhile).
-                now = time.monotonic()
-                if full_since is None:
-                    full_since = now
-                records = []
-                if now - full_since >= _PAUSE_WHEN_FULL_FOR:
-                    self._throttle()
-                    records = consume(self._fetch, 0)
-                if not records:  # until a quarter of the bound is free: fewer, larger rounds of this loop
-                    dispatcher.wait_below(bound - max(1, bound // 4) + 1, min(timeout, 0.05))
-            else:
-                full_since = None
-                if self._throttled and room >= bound // 2:
-                    self._unthrottle()
-                records = consume(min(self._fetch, room), 0)
-                if not records and not self._completions:
-                    records = consume(1, min(timeout, 0.05))
-            if self._rebalanced:
-                self._rebalanced = False
-                records = [r for r in records if (r.topic(), r.partition()) in self._assigned]
-            if records:
-                self._submit_batch(records, dispatcher)
-
-    def _submit_batch(self, records: list[RawMessage], dispatcher: Dispatcher) -> None:
-        lane = self.mode.lane
-        for tp, offset, message, outcome in self._batch(records):
-            job = Job(lane(message.key, tp), message, (tp, offset))
-            if outcome is not None:  # undecodable: straight to its dead-letter topic
-                job.outcome = outcome
-                self._completions.append((job, None))
-            else:
-                dispatcher.submit(job)
-
     def _commit_ahead(self, records: list[tuple[TopicPartitionKey, int]]) -> bool:
         """``CommitMode.BEFORE``: commit past ``records`` before any is handled. If the broker does not take the
         commit, rewind their partitions to them and handle none (read again, committed first next time)."""
@@ -456,55 +379,8 @@ class KafkaConsumer(LoopFriendly):
         if self._commits.ahead(after):
             return True
         for tp, offset in first.items():
-            self._defer(tp, offset, _REPUBLISH_BACKOFF, "its commit before handling failed")
+            self._partitions.defer(tp, offset, REPUBLISH_BACKOFF, "its commit before handling failed")
         return False
-
-    def _job_done(self, job: Job, error: BaseException | None) -> None:
-        """(a handler's thread or task) Hand the finished job to the polling thread."""
-        self._completions.append((job, error))
-        self._completed.set()
-
-    def _settle_finished(self, revoking: frozenset[TopicPartitionKey] = frozenset()) -> None:
-        """(the polling thread) Count finished records as processed; republish failed ones first (a record
-        whose copy the broker did not take rewinds its partition to it, unless the partition is being revoked:
-        then its next owner reads it)."""
-        completions = self._completions
-        failed: list[Job] = []
-        commits = self._commits
-        while completions:
-            job, error = completions.popleft()
-            if error is not None:
-                self._abort(error)
-                continue
-            outcome = job.outcome
-            if outcome is None:
-                continue
-            tp, offset = job.ref
-            if outcome.disposition is Disposition.ACK:
-                commits.before()
-                commits.processed(tp, offset)
-            else:
-                failed.append(job)
-        if not failed:
-            return
-        failed.sort(key=lambda job: job.ref)
-        rewound: dict[TopicPartitionKey, int] = {}
-        for job, ok in zip(failed, self._republisher.settle_many([(j.message, j.outcome) for j in failed]),
-                           strict=True):
-            tp, offset = job.ref
-            if tp in rewound and offset >= rewound[tp]:
-                continue  # read again after the rewind below
-            if ok:
-                commits.before()
-                commits.processed(tp, offset)
-                continue
-            self.stats.extra["republish_failures"] += 1
-            if tp in revoking or tp not in self._assigned:
-                continue
-            rewound[tp] = offset
-            assert self._dispatcher is not None
-            self._dispatcher.drop(_from(tp, offset))
-            self._defer(tp, offset, _REPUBLISH_BACKOFF, "its retry/dead-letter publish failed")
 
     def _abort(self, error: BaseException) -> None:
         """A handler raised a BaseException: stop (its record is not committed); run() re-raises it."""
@@ -515,65 +391,6 @@ class KafkaConsumer(LoopFriendly):
             self.error.__cause__ = error
             logger.error("consumer %s stopped: %s", self.config.group_id, self.error)
         self._stop.set()
-
-    def _throttle(self) -> None:
-        """Pause every assigned partition not paused yet: too many records outstanding."""
-        with self._assigned_lock:
-            more = self._assigned - self._throttled
-        if more:
-            self._consumer.pause([TopicPartition(t, p) for t, p in more])
-            self._throttled |= more
-
-    def _unthrottle(self) -> None:
-        """Resume the partitions paused by :meth:`_throttle` (not those waiting for a retry record's due time)."""
-        with self._assigned_lock:
-            back = (self._throttled & self._assigned) - set(self._paused)
-        self._throttled.clear()
-        if back:
-            self._consumer.resume([TopicPartition(t, p) for t, p in back])
-
-    def _drain(self, tps: frozenset[TopicPartitionKey] | None, why: str) -> None:
-        """Finish the records of ``tps`` (None: all) that the commit needs, drop the rest, settle (the polling
-        thread), within ``drain_timeout``.
-
-        A partition's commit covers its finished prefix only. So a record not started yet is dropped (its
-        partition's next owner reads it) only when no later record of its partition has started or
-        finished: dropping one behind a finished record would leave a gap, and the finished record would be
-        handled again by the next owner. Those records run now, and the commit covers them all.
-        """
-        dispatcher = self._dispatcher
-        if dispatcher is None:
-            return
-
-        def ours(job: Job) -> bool:
-            return tps is None or job.ref[0] in tps
-
-        self._settle_finished(tps if tps is not None else frozenset(self._assigned))
-        high: dict[TopicPartitionKey, int] = {}
-        for job in dispatcher.running(ours):
-            tp, offset = job.ref
-            high[tp] = max(offset, high.get(tp, -1))
-        for tp in self._commits.tracker.partitions():
-            if tps is None or tp in tps:
-                done = self._commits.tracker.highest_done(tp)
-                if done is not None:
-                    high[tp] = max(done, high.get(tp, -1))
-        dispatcher.drop(lambda job: ours(job) and job.ref[1] > high.get(job.ref[0], -1))
-        deadline = time.monotonic() + self.mode.drain_timeout
-        revoking = tps if tps is not None else frozenset(self._assigned)
-        while True:
-            self._settle_finished(revoking)
-            if dispatcher.wait(ours, 0):
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                logger.warning("consumer %s: handlers still running %.1fs after %s: their records are not "
-                               "committed (read again by the partition's next owner)", self.config.group_id,
-                               self.mode.drain_timeout, why)
-                break
-            self._completed.wait(min(remaining, 0.1))
-            self._completed.clear()
-        self._settle_finished(revoking)
 
     def _prepare_topics(self) -> None:
         if not self._create_topics:
@@ -656,7 +473,7 @@ class KafkaConsumer(LoopFriendly):
             attempt = max(1, header_count(headers.get(h.ATTEMPT)))
             due = header_count(headers.get(h.DUE))
             if due - time.time() * 1000 > _DUE_TOLERANCE_MS:
-                self._defer(tp, offset, due / 1000 - time.time(), "not due yet")
+                self._partitions.defer(tp, offset, due / 1000 - time.time(), "not due yet")
                 return None
         mid = headers.get(MESSAGE_ID_HEADER)
         if mid is None:
@@ -681,11 +498,11 @@ class KafkaConsumer(LoopFriendly):
             if outcome.disposition is Disposition.RETRY and not self._retry_topics:
                 outcome, message = self._retry_in_place(message, outcome)
                 if outcome is None:
-                    self._defer(tp, offset, 0.0, "stopping during an in-place retry")
+                    self._partitions.defer(tp, offset, 0.0, "stopping during an in-place retry")
                     return False
         if outcome.disposition is not Disposition.ACK and not self._republisher.settle(message, outcome):
             self.stats.extra["republish_failures"] += 1
-            self._defer(tp, offset, _REPUBLISH_BACKOFF, "its retry/dead-letter publish failed")
+            self._partitions.defer(tp, offset, REPUBLISH_BACKOFF, "its retry/dead-letter publish failed")
             return False
         self._commits.processed(tp, offset)
         return True
@@ -709,51 +526,6 @@ class KafkaConsumer(LoopFriendly):
             outcome = self._runner.invoke(message)
         return outcome, message
 
-    # -- deferring a partition ------------------------------------------------------------------
-
-    def _defer(self, tp: TopicPartitionKey, offset: int, seconds: float, why: str) -> None:
-        """Pause ``tp``, seek back to ``offset`` and resume after ``seconds``.
-
-        The broker keeps the record; librdkafka drops what it already fetched
-        after it. Nothing from ``offset`` on counts as processed.
-        """
-        self._commits.tracker.rewind(tp, offset)
-        self.stats.extra["deferred"] += 1
-        target = TopicPartition(tp[0], tp[1], offset)
-        self._consumer.pause([TopicPartition(tp[0], tp[1])])
-        try:
-            for attempt in _SEEK_RETRY.retrying(retry_on=(BrokerUnavailable,), what=f"seek {tp[0]}[{tp[1]}]"):
-                with attempt:
-                    self._seek(target)
-        except ReliableMessagingError as exc:
-            # Without the seek, resuming would skip the record: stop rather than lose it.
-            raise ReliableMessagingError(f"cannot rewind {tp[0]}[{tp[1]}] to offset {offset}: {exc}") from exc
-        self._paused[tp] = time.monotonic() + max(0.0, seconds)
-        logger.debug("paused %s[%d] at offset %d for %.2fs: %s", tp[0], tp[1], offset, seconds, why)
-
-    def _seek(self, target: TopicPartition) -> None:
-        try:
-            self._consumer.seek(target)
-        except KafkaException as exc:
-            err = kafka_error_of(exc)
-            if err is not None and err.code() == KafkaError._STATE:
-                raise BrokerUnavailable(f"seek not possible yet: {err.str()}") from exc
-            raise operation_error("seek", exc) from exc
-
-    def _resume_due(self) -> float:
-        """Resume paused partitions whose time has come; returns how long consume() may block."""
-        if not self._paused:
-            return _POLL_TIMEOUT
-        now = time.monotonic()
-        due = [tp for tp, at in self._paused.items() if at <= now]
-        if due:
-            for tp in due:
-                del self._paused[tp]
-            self._consumer.resume([TopicPartition(t, p) for t, p in due])
-        if not self._paused:
-            return _POLL_TIMEOUT
-        return max(0.0, min(_POLL_TIMEOUT, min(self._paused.values()) - now))
-
     def _on_commit_cb(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         self._commits.on_commit(err, partitions)
 
@@ -764,17 +536,14 @@ class KafkaConsumer(LoopFriendly):
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         self._commits.forget(tps)
-        for tp in tps:
-            self._paused.pop(tp, None)
-        with self._assigned_lock:
-            self._assigned.update(tps)
-        self._rebalanced = True
+        self._partitions.assign(tps)
         logger.info("consumer %s assigned %s", self.config.group_id, _describe(tps))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions are taken away: commit what was processed before the new owner starts reading."""
         tps = [(p.topic, p.partition) for p in partitions]
-        self._drain(frozenset(tps), "a rebalance revoked their partitions")
+        if self._concurrent is not None:
+            self._concurrent.drain(frozenset(tps), "a rebalance revoked their partitions")
         self._commits.commit_sync(None, "partitions revoked")
         self._drop(tps)
         logger.info("consumer %s revoked %s", self.config.group_id, _describe(tps))
@@ -782,21 +551,15 @@ class KafkaConsumer(LoopFriendly):
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions were lost (session timed out): they may already have a new owner, so no commit."""
         tps = [(p.topic, p.partition) for p in partitions]
-        if self._dispatcher is not None:
-            lost = frozenset(tps)
-            self._dispatcher.drop(lambda job: job.ref[0] in lost)
+        if self._concurrent is not None:
+            self._concurrent.lose(tps)
         self._drop(tps)
         logger.warning("consumer %s lost %s (session timeout or fenced): uncommitted records will be "
                        "processed again by their new owner", self.config.group_id, _describe(tps))
 
     def _drop(self, tps: list[TopicPartitionKey]) -> None:
         self._commits.forget(tps)
-        for tp in tps:
-            self._paused.pop(tp, None)
-        self._throttled.difference_update(tps)
-        with self._assigned_lock:
-            self._assigned.difference_update(tps)
-        self._rebalanced = True
+        self._partitions.drop(tps)
 
     # -- errors ---------------------------------------------------------------------------------
 
@@ -818,16 +581,16 @@ class KafkaConsumer(LoopFriendly):
         self._closed = True
         try:
             if self._running:
-                if self._dispatcher is not None:
-                    self._drain(None, "stopping")
+                if self._concurrent is not None:
+                    self._concurrent.drain(None, "stopping")
                 self._commits.commit_sync(None, "closing")
             self._consumer.close()  # leaves the group; librdkafka runs on_revoke (nothing left to commit)
         except KafkaException as exc:
             logger.warning("closing consumer %s: %s", self.config.group_id, exc)
             logger.debug("close failure", exc_info=exc)
         finally:
-            if self._dispatcher is not None:
-                self._dispatcher.close()
+            if self._concurrent is not None:
+                self._concurrent.dispatcher.close()
             self._republisher.close()
             self._runner.close()
             self._finished.set()
@@ -837,11 +600,6 @@ class KafkaConsumer(LoopFriendly):
         state = "running" if self.running else ("closed" if self._closed else "new")
         return (f"<KafkaConsumer group={self.config.group_id!r} topics={list(self._topics)!r} "
                 f"mode={self._mode.value} {state}>")
-
-
-def _from(tp: TopicPartitionKey, offset: int) -> Callable[[Job], bool]:
-    """Matches the jobs of ``tp`` at ``offset`` or later."""
-    return lambda job: bool(job.ref[0] == tp and job.ref[1] >= offset)
 
 
 def _describe(tps: Sequence[TopicPartitionKey]) -> str:
