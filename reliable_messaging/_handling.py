@@ -381,10 +381,18 @@ class HandlerRunner(Generic[M]):
             self._count("dead_lettered")
             return Outcome(Disposition.DEAD_LETTER, reason=exc.reason, error=exc)
         description = f"{type(exc).__name__}: {exc}"
-        if self.retry.exhausted(attempt):
+        explicit = isinstance(exc, Retry)
+        if not explicit and not self.retry.retryable(exc):
+            logger.warning("message %s failed (%s), an error not retryable: dead-lettering it",
+                           message.message_id, description)
+            logger.debug("handler failure", exc_info=exc)
+            self._count("dead_lettered")
+            return Outcome(Disposition.DEAD_LETTER, reason=f"not retryable: {description}", error=exc)
+        policy = self.retry if explicit else self.retry.for_error(exc)
+        if policy.exhausted(attempt):
             logger.warning(
                 "message %s failed attempt %d/%d (%s): dead-lettering it",
-                message.message_id, attempt, self.retry.max_attempts, description,
+                message.message_id, attempt, policy.max_attempts, description,
             )
             logger.debug("handler failure", exc_info=exc)
             self._count("dead_lettered")
@@ -393,10 +401,10 @@ class HandlerRunner(Generic[M]):
                 reason=f"retries exhausted after {attempt} attempts: {description}",
                 error=exc,
             )
-        delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else self.retry.delay_for(attempt)
+        delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else policy.delay_for(attempt)
         logger.warning(
             "message %s failed attempt %d/%d (%s): retrying in %.2fs",
-            message.message_id, attempt, self.retry.max_attempts, description, delay,
+            message.message_id, attempt, policy.max_attempts, description, delay,
         )
         logger.debug("handler failure", exc_info=exc)
         self._count("retried")

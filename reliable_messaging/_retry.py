@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import tenacity
@@ -39,6 +39,17 @@ class RetryPolicy:
 
     ``max_attempts`` counts every attempt including the first: ``max_attempts=1``
     means no retry. ``sleep`` is injectable so tests never wait.
+
+    For message handlers, the policy can tell errors apart (Spring Kafka's
+    ``addNotRetryableException`` and per-exception back-off):
+
+    - ``not_retryable``: exception types (subclasses included) that dead-letter the
+      message at once, its dead letter's reason saying so: a bug or bad data gives
+      the same result on every attempt.
+    - ``by_error``: exception type -> the :class:`RetryPolicy` for it (its attempts,
+      at most this policy's, and its delays); the first type the error is an
+      instance of wins, other errors use this policy. An explicit
+      :class:`~reliable_messaging.Retry` always uses this policy.
     """
 
     max_attempts: int = 5
@@ -47,6 +58,8 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.2
     sleep: Callable[[float], None] = time.sleep
+    not_retryable: tuple[type[BaseException], ...] = ()
+    by_error: Mapping[type[BaseException], RetryPolicy] | tuple[tuple[type[BaseException], RetryPolicy], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
@@ -66,6 +79,47 @@ class RetryPolicy:
                 f"RetryPolicy.max_delay ({self.max_delay}) must be >= initial_delay ({self.initial_delay})",
                 field="max_delay",
             )
+        self._check_error_rules()
+
+    def _check_error_rules(self) -> None:
+        not_retryable = self.not_retryable
+        if isinstance(not_retryable, type):
+            not_retryable = (not_retryable,)
+        if not isinstance(not_retryable, tuple | list) or not all(_is_exception_type(t) for t in not_retryable):
+            raise ConfigurationError(f"RetryPolicy.not_retryable must be a tuple of exception types, got "
+                                     f"{self.not_retryable!r}", field="not_retryable")
+        rules = self.by_error.items() if isinstance(self.by_error, Mapping) else self.by_error
+        try:
+            pairs = tuple((kind, policy) for kind, policy in rules)
+        except (TypeError, ValueError):
+            raise ConfigurationError("RetryPolicy.by_error must map exception types to RetryPolicy objects, got "
+                                     f"{self.by_error!r}", field="by_error") from None
+        for kind, policy in pairs:
+            if not _is_exception_type(kind) or not isinstance(policy, RetryPolicy):
+                raise ConfigurationError("RetryPolicy.by_error must map exception types to RetryPolicy objects, got "
+                                         f"{kind!r}: {policy!r}", field="by_error")
+            if policy.max_attempts > self.max_attempts:
+                # The retry topics/queues are made for this policy's attempts: a longer rule has nowhere to go.
+                raise ConfigurationError(f"RetryPolicy.by_error[{kind.__name__}].max_attempts ({policy.max_attempts})"
+                                         f" must be <= max_attempts ({self.max_attempts})", field="by_error")
+            if policy.not_retryable or policy.by_error:
+                raise ConfigurationError(f"RetryPolicy.by_error[{kind.__name__}] must not have rules of its own",
+                                         field="by_error")
+        object.__setattr__(self, "not_retryable", tuple(not_retryable))
+        object.__setattr__(self, "by_error", pairs)
+
+    def retryable(self, error: BaseException) -> bool:
+        """False if ``error`` is one of :attr:`not_retryable`."""
+        return not isinstance(error, self.not_retryable)
+
+    def for_error(self, error: BaseException) -> RetryPolicy:
+        """The policy for a handler's ``error``: its :attr:`by_error` rule, or this policy."""
+        rules = self.by_error
+        assert isinstance(rules, tuple)  # pairs since __post_init__
+        for kind, policy in rules:
+            if isinstance(error, kind):
+                return policy
+        return self
 
     def wait_strategy(self) -> tenacity.wait.wait_base:
         """The tenacity wait strategy of this policy."""
@@ -120,6 +174,10 @@ class RetryPolicy:
             before_sleep=_log,
             reraise=True,
         )
+
+
+def _is_exception_type(kind: object) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseException)
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()

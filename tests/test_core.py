@@ -120,6 +120,11 @@ def test_delivery_future_failure_is_raised_by_await() -> None:
     ({"max_attempts": 0}, "max_attempts"), ({"initial_delay": -1}, "initial_delay"),
     ({"multiplier": 0.5}, "multiplier"), ({"initial_delay": 5, "max_delay": 1}, "max_delay"),
     ({"jitter": -0.1}, "jitter"),
+    ({"not_retryable": (ValueError, "KeyError")}, "not_retryable"), ({"not_retryable": 3}, "not_retryable"),
+    ({"by_error": {ValueError: 3}}, "by_error"), ({"by_error": {"ValueError": RetryPolicy()}}, "by_error"),
+    ({"by_error": [1, 2]}, "by_error"),
+    ({"max_attempts": 3, "by_error": {TimeoutError: RetryPolicy(max_attempts=4)}}, "by_error"),
+    ({"by_error": {TimeoutError: RetryPolicy(not_retryable=(KeyError,))}}, "by_error"),
 ])
 def test_retry_policy_validates_at_construction(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigurationError) as info:
@@ -199,6 +204,48 @@ def test_failure_retries_with_policy_delay_then_dead_letters_when_exhausted() ->
     assert last.disposition is Disposition.DEAD_LETTER
     assert "retries exhausted after 3 attempts: KeyError" in last.reason
     assert (runner.stats.failed, runner.stats.retried, runner.stats.dead_lettered) == (3, 2, 1)
+
+
+def test_errors_not_retryable_dead_letter_at_once_and_say_so() -> None:
+    class InvalidOrder(ValueError):
+        pass
+
+    policy = RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0.0, not_retryable=(ValueError,))
+
+    def fail(m: Message) -> None:
+        raise InvalidOrder("qty < 0")
+
+    runner: HandlerRunner[Message] = HandlerRunner(fail, retry=policy)
+    outcome = runner.invoke(msg(attempt=1))
+    assert outcome.disposition is Disposition.DEAD_LETTER, "a subclass of a type not retryable"
+    assert outcome.reason == "not retryable: InvalidOrder: qty < 0"
+    assert (runner.stats.failed, runner.stats.retried, runner.stats.dead_lettered) == (1, 0, 1)
+    # An explicit Retry is the handler's own decision: retried as usual.
+    explicit = RetryPolicy(not_retryable=(Exception,), jitter=0.0, initial_delay=0.1)
+    assert HandlerRunner(lambda m: (_ for _ in ()).throw(Retry("later")), retry=explicit) \
+        .invoke(msg(attempt=1)).disposition is Disposition.RETRY
+
+
+def test_an_error_rule_sets_its_own_attempts_and_delays() -> None:
+    slow = RetryPolicy(max_attempts=2, initial_delay=5.0, max_delay=5.0, jitter=0.0)
+    policy = RetryPolicy(max_attempts=4, initial_delay=0.1, jitter=0.0, by_error={TimeoutError: slow})
+    assert policy.by_error == ((TimeoutError, slow),)
+    assert policy.for_error(TimeoutError()) is slow and policy.for_error(KeyError()) is policy
+
+    def fail(m: Message) -> None:
+        raise TimeoutError("payment service")
+
+    runner: HandlerRunner[Message] = HandlerRunner(fail, retry=policy)
+    first = runner.invoke(msg(attempt=1))
+    assert (first.disposition, first.delay) == (Disposition.RETRY, 5.0)
+    last = runner.invoke(msg(attempt=2))
+    assert last.disposition is Disposition.DEAD_LETTER
+    assert last.reason == "retries exhausted after 2 attempts: TimeoutError: payment service"
+    other = HandlerRunner(lambda m: {}["missing"], retry=policy)
+    assert [other.invoke(msg(attempt=n)).disposition for n in (1, 2, 3, 4)] == [Disposition.RETRY] * 3 + [
+        Disposition.DEAD_LETTER], "other errors keep the policy's own 4 attempts"
+    assert hash(policy) == hash(RetryPolicy(max_attempts=4, initial_delay=0.1, jitter=0.0,
+                                            by_error=((TimeoutError, slow),)))
 
 
 def test_retry_signal_overrides_delay_and_reject_dead_letters_at_once() -> None:

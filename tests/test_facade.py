@@ -190,3 +190,18 @@ def test_an_unreachable_kafka_fails_the_futures_not_the_call() -> None:
             future.result(timeout=15)
         assert broker.stats().publisher.failures["unavailable"] == 1
         assert broker.ping(1) is False
+
+
+def test_the_readme_error_policy_example_runs_as_written() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL) if "not_retryable=" in b]
+    assert len(blocks) == 1
+    with connect("memory://readme-error-policy") as broker:
+        names: dict[str, object] = {"rm": rm, "broker": broker, "handle": lambda message: None}
+        exec(blocks[0], names)
+        assert len(broker.stats().consumers) == 1, "the block starts its consumer"
+    policy = names["policy"]
+    assert isinstance(policy, rm.RetryPolicy)
+    assert policy.not_retryable == (ValueError, KeyError) and policy.for_error(TimeoutError()).max_attempts == 3

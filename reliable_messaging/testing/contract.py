@@ -152,6 +152,31 @@ class BrokerContract(ConcurrencyContract):
         wait_for(lambda: b"next" in recorder.bodies(), 30, "the consumer to keep running")
         assert consumer.stats.dead_lettered == 1
 
+    @pytest.mark.timeout(120)
+    def test_errors_not_retryable_dead_letter_at_once_and_an_error_rule_sets_its_attempts(
+        self, broker: Broker, url: str, unique_name: str
+    ) -> None:
+        once = RetryPolicy(max_attempts=2, initial_delay=0.1, max_delay=0.1, jitter=0.0)
+        policy = RetryPolicy(max_attempts=3, initial_delay=0.2, max_delay=1.0, jitter=0.0,
+                             not_retryable=(ValueError,), by_error={TimeoutError: once})
+
+        def script(message: Message) -> None:
+            if message.body == b"invalid":
+                raise ValueError("qty < 0")
+            if message.body == b"slow":
+                raise TimeoutError("payment service")
+
+        recorder = Recorder(script)
+        self.started(broker, unique_name, recorder, retry=policy)
+        broker.publish(unique_name, b"invalid").result(timeout=30)
+        broker.publish(unique_name, b"slow").result(timeout=30)
+        letters = {letter["body"]: letter["headers"] for letter in self.read_dead_letters(url, unique_name, 2, 60)}
+        assert letters[b"invalid"]["x-rm-reason"] == "not retryable: ValueError: qty < 0"
+        assert str(letters[b"invalid"]["x-rm-attempt"]) == "1"
+        assert letters[b"slow"]["x-rm-reason"] == "retries exhausted after 2 attempts: TimeoutError: payment service"
+        assert str(letters[b"slow"]["x-rm-attempt"]) == "2"
+        assert sorted((m.body, m.attempt) for m in recorder.seen) == [(b"invalid", 1), (b"slow", 1), (b"slow", 2)]
+
     @pytest.mark.timeout(90)
     def test_undecodable_message_is_dead_lettered_without_retries(
         self, broker: Broker, url: str, unique_name: str
