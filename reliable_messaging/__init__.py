@@ -9,6 +9,7 @@ missing raises ImportError with the pip command that installs it.
 from __future__ import annotations
 
 import importlib
+import logging
 import typing
 
 from ._broker import Broker, Consumer, Guarantee
@@ -45,6 +46,10 @@ from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._stats import BrokerStats, PublisherStats
 from ._verify import VerifyReport, verify
 from ._version import __version__
+
+# A library's loggers stay silent unless the application configures logging (the logging HOWTO's advice for
+# libraries): without this, Python's last-resort handler would print WARNINGs to stderr.
+logging.getLogger("reliable_messaging").addHandler(logging.NullHandler())
 
 if typing.TYPE_CHECKING:  # the static view of the lazily imported backends
     from ._kafka import (

@@ -110,6 +110,7 @@ class Broker(abc.ABC):
         self._lock = threading.Lock()
         self._closed = False
         self._consumers: dict[str, Consumer] = {}
+        self._sources: dict[str, tuple[str, str]] = {}
 
     # -- what a backend implements --------------------------------------------------------------
 
@@ -253,6 +254,7 @@ class Broker(abc.ABC):
                 n += 1
                 unique = f"{name}#{n}"
             self._consumers[unique] = consumer
+            self._sources[unique] = (source, group or "")
         return consumer
 
     def _groups_matter(self) -> bool:
@@ -263,8 +265,9 @@ class Broker(abc.ABC):
         """A snapshot of the publisher's and every consumer's counters (the same fields on every backend)."""
         with self._lock:
             consumers = dict(self._consumers)
+            sources = {name: self._sources[name] for name in consumers}
         return BrokerStats(publisher=self._publisher_stats(),
-                           consumers={name: consumer.stats for name, consumer in consumers.items()})
+                           consumers={name: consumer.stats for name, consumer in consumers.items()}, sources=sources)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop this broker's consumers, settle pending publishes, release resources. Idempotent.

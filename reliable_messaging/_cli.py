@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import sys
 from collections.abc import Iterator
@@ -57,8 +58,14 @@ def parse_setting(text: str) -> tuple[str, Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="reliable-messaging")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="Log the library's INFO lines too (-vv: DEBUG) on stderr; "
+              "default: WARNING and above.")
+def main(verbose: int) -> None:
     """Reliable delivery over Kafka and RabbitMQ: audit it, run local brokers."""
+    # The library's loggers have a NullHandler only; a command is an application, so it says where logs go.
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("reliable_messaging").setLevel(level)
 
 
 @main.command(name="verify")

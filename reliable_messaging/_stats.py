@@ -48,6 +48,8 @@ class BrokerStats:
     consumers: Mapping[str, ConsumerStats]
     """By consumer: ``<source>`` (RabbitMQ, in-process) or ``<group>/<source>`` (Kafka); a second consumer
     of the same name gets ``#2`` appended."""
+    sources: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """By the same names: the consumer's ``(source, group)`` (group ``""`` when it has none)."""
 
 
 def reason_of(error: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""The broker URL of a CLI test parametrized with ``broker`` ("kafka" or "rabbitmq")."""
+"""Fixtures shared by the integration tests: the broker URL of a test parametrized with ``broker`` ("kafka" or
+"rabbitmq")."""
 
 from __future__ import annotations
 
