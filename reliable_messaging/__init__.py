@@ -41,6 +41,7 @@ from ._errors import (
 )
 from ._facade import DEFAULT_DEDUP_PATH, connect
 from ._handling import ConsumerStats, Disposition, Outcome
+from ._health import Health
 from ._message import DEFERRALS_HEADER, Delivery, DeliveryFuture, Message
 from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from ._stats import BrokerStats, PublisherStats
@@ -131,6 +132,7 @@ __all__ = [
     "Guarantee",
     "HandlerAborted",
     "HandlerTimeout",
+    "Health",
     "InvalidMessage",
     "KafkaConsumer",
     "KafkaConsumerConfig",

@@ -36,6 +36,7 @@ from ._dedup import DedupStore
 from ._dispatch import Concurrency, is_async
 from ._errors import ClosedError, ConfigurationError
 from ._handling import ConsumerStats
+from ._health import Health
 from ._log import redact
 from ._message import DeliveryFuture, OutgoingHeaders
 from ._payload import CONTENT_TYPE_HEADER, PayloadDecoder, encode, payload_type, wants_message
@@ -69,6 +70,11 @@ class Consumer(Protocol):
 
     @property
     def running(self) -> bool: ...
+
+    def health(self, *, poll_within: float = 60.0, handler_within: float | None = None) -> Health:
+        """For readiness and liveness probes: live (running, its loop turned within ``poll_within`` s, no handler
+        running longer than ``handler_within`` s) and ready (live and connected to the broker), with the reasons
+        when not. No network call: cheap to call often (:class:`~reliable_messaging.Health`)."""
 
     def start(self) -> Any:
         """Start consuming in the background; returns the consumer (awaitable inside a running event loop:

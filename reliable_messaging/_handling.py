@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -154,6 +156,12 @@ class HandlerRunner(Generic[M]):
         self._own_loop_thread: threading.Thread | None = None
         self._loop_lock = threading.Lock()
         self._warned_no_key = False
+        # Handlers running now, for health(): one consumer thread keeps its start time in _started; concurrent
+        # handlers keep theirs in _running (dict operations are atomic; no lock on the handling path).
+        self._started: float | None = None
+        self._last_start: float | None = None
+        self._running: dict[int, float] = {}
+        self._tokens = itertools.count()
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -215,6 +223,7 @@ class HandlerRunner(Generic[M]):
         key, early = self._begin(message)
         if early is not None:
             return early
+        token = self._enter()
         try:
             self._call(message)
         except Exception as exc:  # noqa: BLE001 - every handler failure is an outcome, decided below
@@ -223,7 +232,37 @@ class HandlerRunner(Generic[M]):
             if key:
                 self._release(key)
             raise
+        finally:
+            self._leave(token)
         return self._end_ok(key)
+
+    def in_flight(self) -> tuple[int, float | None]:
+        """Handlers running now, and the :func:`time.monotonic` start of the longest-running one."""
+        if self._stats_lock is None:
+            started = self._started
+            return (0, None) if started is None else (1, started)
+        starts = self._running.copy().values()
+        return len(starts), min(starts, default=None)
+
+    def _enter(self) -> int:
+        if self._stats_lock is None:
+            self._started = time.monotonic()
+            return 0
+        token = next(self._tokens)
+        self._running[token] = time.monotonic()
+        return token
+
+    def last_start(self) -> float | None:
+        """(one consumer thread) The :func:`time.monotonic` start of the handler running now or of the last one:
+        a consumer busy with a batch makes progress without polling."""
+        return self._started or self._last_start
+
+    def _leave(self, token: int) -> None:
+        if self._stats_lock is None:
+            self._last_start = self._started
+            self._started = None
+        else:
+            self._running.pop(token, None)
 
     async def ainvoke(self, message: M) -> Outcome:
         """:meth:`invoke` on the event loop (an ``async def`` handler awaited here, within ``handler_timeout``).
@@ -232,6 +271,7 @@ class HandlerRunner(Generic[M]):
         key, early = self._begin(message)
         if early is not None:
             return early
+        token = self._enter()
         try:
             result = self.handler(message)
             if inspect.isawaitable(result):
@@ -249,6 +289,8 @@ class HandlerRunner(Generic[M]):
             if key:
                 self._release(key)
             raise
+        finally:
+            self._leave(token)
         return self._end_ok(key)
 
     def _begin(self, message: M) -> tuple[str, Outcome | None]:

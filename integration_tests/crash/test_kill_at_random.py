@@ -55,13 +55,16 @@ class Run:
     seed: int
     targets: list[int]
     kill_counts: list[int] = field(default_factory=list)
+    after_signal: list[int] = field(default_factory=list)
+    """SIGTERM: messages handled between the signal and the process's exit, per stop."""
     drain: float = 0.0
     lost: int = 0
     repeats: int = 0
     repeated_ids: int = 0
 
     def describe(self) -> str:
-        return (f"seed={self.seed} kills at handled counts {self.kill_counts} (targets {self.targets}); "
+        after = f" handled after SIGTERM {self.after_signal};" if self.after_signal else ""
+        return (f"seed={self.seed} kills at handled counts {self.kill_counts} (targets {self.targets});{after} "
                 f"lost={self.lost} repeats={self.repeats} ({self.repeated_ids} ids) drain={self.drain:.1f}s")
 
 
@@ -132,6 +135,8 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
     stderr = tmp / "consumer.stderr"
     try:
         for target in targets:
+            if log.refresh() >= messages:
+                break  # a graceful stop finished everything: nothing left to stop this process in
             proc = _start(url, source, group, log.path, store, settings, stderr, extra)
             deadline = time.monotonic() + 90
             # At least one message handled by this process (the last one may have drained past the target).
@@ -142,6 +147,7 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
                                 f"stderr:\n{stderr.read_text()[-3000:]}")
                 if time.monotonic() > deadline:
                     proc.kill()
+                    proc.wait(30)  # reaped here: a Popen left running fails a later test's teardown instead
                     pytest.fail(f"only {len(log.lines)} handled of {target} within 90 s; {run.describe()}; "
                                 f"stderr:\n{stderr.read_text()[-3000:]}")
                 time.sleep(0.002)
@@ -154,8 +160,10 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
                     code = proc.wait(60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                    proc.wait(30)
                     pytest.fail(f"the consumer did not stop within 60 s of {sig.name}; {run.describe()}")
                 assert code == 0, f"exit code {code} after {sig.name}; stderr:\n{stderr.read_text()[-3000:]}"
+                run.after_signal.append(log.refresh() - run.kill_counts[-1])
         proc = _start(url, source, group, log.path, store, settings, stderr, extra)
         started = time.monotonic()
         wanted = set(ids)
@@ -189,7 +197,8 @@ def kill_at_random(url: str, source: str, group: str, store: str, tmp: Path, *, 
         with open(report, "a") as out:
             out.write(json.dumps({"broker": url.split(":", 1)[0], "store": store.split(":", 1)[0], "seed": seed,
                                   "extra": " ".join(extra or []), "signal": sig.name,
-                                  "kills": run.kill_counts, "lost": run.lost, "repeats": run.repeats,
+                                  "kills": run.kill_counts, "after_signal": run.after_signal,
+                                  "lost": run.lost, "repeats": run.repeats,
                                   "repeated_ids": run.repeated_ids, "drain": round(run.drain, 2)}) + "\n")
     return run
 

@@ -66,6 +66,7 @@ class ConcurrentLoop:
         self._fetch = fetch
         self._completions: collections.deque[tuple[Job, BaseException | None]] = collections.deque()
         self._completed = threading.Event()
+        self.last_turn: float | None = None  # time.monotonic() of the loop's last round (health())
 
     def run(self, stop: threading.Event) -> None:
         """Poll, hand records to the dispatcher, settle what finished, commit; pause fetching when full."""
@@ -75,6 +76,7 @@ class ConcurrentLoop:
         bound = self._bound
         full_since: float | None = None
         while not stop.is_set():
+            self.last_turn = time.monotonic()
             self.settle()
             timeout = partitions.resume_due()
             if self._commits.batched:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -63,6 +64,7 @@ from .._errors import (
     ReliableMessagingError,
 )
 from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
+from .._health import Health, assess, check_limits
 from .._lifecycle import LoopFriendly, graceful_signals
 from .._log import limit_repeats
 from .._message import MESSAGE_ID_HEADER, header_count
@@ -83,6 +85,9 @@ logger = limit_repeats(logging.getLogger("reliable_messaging.kafka.consumer"))
 
 _DUE_TOLERANCE_MS = 5
 """A retry record due within this many milliseconds is processed now rather than paused for."""
+
+_STATISTICS_INTERVAL_MS = 5000
+"""How often librdkafka reports its statistics to :meth:`KafkaConsumer.health` (broker states, lag)."""
 
 _PRODUCER_SECURITY_PREFIXES = ("security.", "sasl.", "ssl.")
 
@@ -197,6 +202,10 @@ class KafkaConsumer(LoopFriendly):
         conf = config.librdkafka()
         conf["on_commit"] = self._on_commit_cb
         conf["error_cb"] = self._on_client_error
+        # librdkafka's statistics (brokers' connection states, partitions' lag) feed health(); every 5 s unless
+        # the settings say otherwise (statistics.interval.ms=0 turns them off: connected then means assigned).
+        conf.setdefault("statistics.interval.ms", _STATISTICS_INTERVAL_MS)
+        conf["stats_cb"] = self._on_statistics
         conf["logger"] = limit_repeats(logging.getLogger("reliable_messaging.kafka.librdkafka"))
         try:
             self._consumer = Consumer(conf)
@@ -227,6 +236,9 @@ class KafkaConsumer(LoopFriendly):
         self.error: Exception | None = None
         """Why the consumer stopped on its own, if it did (also logged; ``run()`` raises it)."""
         self._aborted: BaseException | None = None  # a handler's BaseException, re-raised by run()
+        self._last_turn: float | None = None  # time.monotonic() of the loop's last round (health())
+        self._brokers_up: bool | None = None  # from the last statistics: some broker connection is up
+        self._lag: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -311,6 +323,22 @@ class KafkaConsumer(LoopFriendly):
     def running(self) -> bool:
         return self._running and not self._finished.is_set()
 
+    def health(self, *, poll_within: float = 60.0, handler_within: float | None = None) -> Health:
+        """Live (running, its loop turned within ``poll_within`` s, no handler over ``handler_within`` s) and
+        ready (live and connected: a broker connection up in librdkafka's last statistics, or partitions
+        assigned); with the partitions' total lag. See :mod:`.._health`; no network call."""
+        check_limits(poll_within, handler_within)
+        if self._concurrent is not None:
+            turn = self._concurrent.last_turn
+        else:  # one thread polls and handles: a handler starting in a long batch is progress too
+            turn = max((t for t in (self._last_turn, self._runner.last_start()) if t is not None), default=None)
+        in_flight, oldest = self._runner.in_flight()
+        up = self._brokers_up
+        connected = bool(self._partitions.assigned) if up is None else up
+        return assess(running=self.running, error=self.error, connected=connected, last_turn=turn,
+                      in_flight=in_flight, oldest_start=oldest, poll_within=poll_within,
+                      handler_within=handler_within, lag=self._lag)
+
     def assignment(self) -> set[TopicPartitionKey]:
         """The (topic, partition) pairs this consumer owns right now (retry topics included)."""
         return self._partitions.snapshot()
@@ -345,6 +373,7 @@ class KafkaConsumer(LoopFriendly):
             partitions = self._partitions
             stop = self._stop
             while not stop.is_set():
+                self._last_turn = time.monotonic()
                 timeout = partitions.resume_due()
                 if self._commits.batched:
                     self._commits.on_time()
@@ -525,6 +554,22 @@ class KafkaConsumer(LoopFriendly):
             message = dataclasses.replace(message, attempt=attempt, redelivered=True, headers=headers)
             outcome = self._runner.invoke(message)
         return outcome, message
+
+    def _on_statistics(self, document: str) -> None:
+        """(the polling thread, inside consume()) librdkafka's statistics JSON: broker states and lag."""
+        try:
+            stats = json.loads(document)
+            brokers = stats.get("brokers", {}).values()
+            self._brokers_up = any(b.get("state") == "UP" for b in brokers if b.get("nodeid", -1) >= 0)
+            assigned = self._partitions.assigned
+            lag = 0
+            for topic, about in stats.get("topics", {}).items():
+                for number, partition in about.get("partitions", {}).items():
+                    if (topic, int(number)) in assigned and partition.get("consumer_lag", -1) >= 0:
+                        lag += partition["consumer_lag"]
+            self._lag = lag
+        except (ValueError, TypeError, AttributeError) as exc:  # a statistics format this code does not know
+            logger.debug("unreadable librdkafka statistics: %s", exc)
 
     def _on_commit_cb(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         self._commits.on_commit(err, partitions)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from .._dispatch import Concurrency, Dispatcher, Job, dispatcher_for
 from .._errors import ClosedError, ConfigurationError, HandlerAborted
 from .._handling import ConsumerStats, Disposition, HandlerRunner, Outcome
 from .._headers import ATTEMPT, DEFERRALS, failure_headers
+from .._health import Health, assess, check_limits
 from .._lifecycle import LoopFriendly, graceful_signals
 from .._message import Message, header_count
 from .._retry import RetryPolicy
@@ -69,6 +71,7 @@ class MemoryConsumer(LoopFriendly):
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._last_turn: float | None = None
 
     @property
     def stats(self) -> ConsumerStats:
@@ -77,6 +80,16 @@ class MemoryConsumer(LoopFriendly):
     @property
     def running(self) -> bool:
         return self._thread is not None and not self._finished.is_set()
+
+    def health(self, *, poll_within: float = 60.0, handler_within: float | None = None) -> Health:
+        """Live and ready as on the real brokers (see :mod:`.._health`); always connected while running."""
+        check_limits(poll_within, handler_within)
+        in_flight, oldest = self.runner.in_flight()
+        turn = self._last_turn if self._dispatcher is not None else max(
+            (t for t in (self._last_turn, self.runner.last_start()) if t is not None), default=None)
+        return assess(running=self.running, error=self.error, connected=self.running, last_turn=turn,
+                      in_flight=in_flight, oldest_start=oldest, poll_within=poll_within,
+                      handler_within=handler_within)
 
     def start(self) -> MemoryConsumer:
         """Start consuming on a background thread; returns self (awaitable inside a running event loop)."""
@@ -151,6 +164,7 @@ class MemoryConsumer(LoopFriendly):
             return
         try:
             while not self._stop.is_set():
+                self._last_turn = time.monotonic()
                 stored = self.server.get(self.source, _POLL)
                 if stored is None:
                     continue
@@ -175,6 +189,7 @@ class MemoryConsumer(LoopFriendly):
         stop = self._stop
         try:
             while not stop.is_set():
+                self._last_turn = time.monotonic()
                 if not dispatcher.wait_below(bound, _POLL):
                     continue
                 stored = self.server.get(self.source, _POLL)

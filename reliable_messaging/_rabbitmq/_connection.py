@@ -108,6 +108,8 @@ class IOThread:
         self._reconnect = reconnect
         self._ioloop = IOLoop()
         self._closing = threading.Event()
+        self.last_tick: float | None = None
+        """time.monotonic() of the thread's last periodic round (also during reconnect backoff): it is alive."""
         self._started = threading.Event()  # set when first ready, or when the thread ends
         self._wake_pending = False
         self._connection: Connection | None = None
@@ -259,6 +261,7 @@ class IOThread:
         self.on_wake()
 
     def _tick(self) -> None:
+        self.last_tick = time.monotonic()
         self.on_tick()
         if not self._ioloop_closed():
             self._ioloop.call_later(TICK_INTERVAL, self._tick)
@@ -270,6 +273,7 @@ class IOThread:
         """tenacity's sleep: interruptible by close(), and keeps the periodic work going."""
         deadline = time.monotonic() + seconds
         while not self._closing.is_set():
+            self.last_tick = time.monotonic()
             self.on_tick()
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -77,6 +77,7 @@ from .._dedup._base import DedupStore
 from .._dispatch import Concurrency, Dispatcher, Job, dispatcher_for
 from .._errors import ClosedError, ConfigurationError, HandlerAborted, ReliableMessagingError
 from .._handling import ConsumerStats, HandlerRunner, Outcome
+from .._health import Health, assess, check_limits
 from .._lifecycle import LoopFriendly, graceful_signals
 from .._log import limit_repeats
 from .._message import Message
@@ -226,6 +227,16 @@ class RabbitMQConsumer(LoopFriendly):
     def running(self) -> bool:
         return self._engine is not None and not self._done.is_set()
 
+    def health(self, *, poll_within: float = 60.0, handler_within: float | None = None) -> Health:
+        """Live (running, its I/O thread turned within ``poll_within`` s, no handler over ``handler_within`` s)
+        and ready (live and consuming the queue on an open channel). See :mod:`.._health`; no network call."""
+        check_limits(poll_within, handler_within)
+        engine = self._engine
+        in_flight, oldest = self.runner.in_flight()
+        return assess(running=self.running, error=self.error, connected=engine is not None and engine.consuming,
+                      last_turn=None if engine is None else engine.last_tick, in_flight=in_flight,
+                      oldest_start=oldest, poll_within=poll_within, handler_within=handler_within)
+
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> RabbitMQConsumer:
@@ -327,8 +338,10 @@ class RabbitMQConsumer(LoopFriendly):
         signalled = threading.Event()
         try:
             with graceful_signals(signalled.set, f"the consumer of {self.queue!r}"):
-                while not self._done.wait(0.5):
-                    if signalled.is_set():
+                # Wait on the signal, not on _done: a stop starts the moment SIGTERM arrives (waiting on _done
+                # with a timeout let handlers go on starting deliveries for up to that timeout after it).
+                while not self._done.is_set():
+                    if signalled.wait(0.5):
                         self._stop_now(self.mode.drain_timeout + CLOSE_GRACE)
                         signalled.clear()
         except KeyboardInterrupt:

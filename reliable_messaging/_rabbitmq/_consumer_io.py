@@ -159,6 +159,11 @@ class ConsumerIO(IOThread):
             self.queue, self._on_message, auto_ack=self.auto_ack, exclusive=self.config.exclusive,
             consumer_tag=self.config.consumer_tag, callback=self._on_consume_ok)
 
+    @property
+    def consuming(self) -> bool:
+        """(any thread, for health()) The queue is being consumed on an open channel of a live connection."""
+        return self._connection_ready and self._channel is not None
+
     def _on_consume_ok(self, _frame: pika.frame.Method) -> None:
         if not self._connection_ready:
             self._connection_ready = True

@@ -338,6 +338,33 @@ class BrokerContract(ConcurrencyContract):
             time.sleep(3)  # the second consumer now has the source to itself: nothing may come back
             assert other.seen == [], "acknowledged when the handler returned"
 
+    @pytest.mark.timeout(120)
+    def test_health_shows_ready_a_handler_over_its_limit_and_stopped(self, broker: Broker, unique_name: str) -> None:
+        release = threading.Event()
+
+        def handle(message: Message) -> None:
+            if message.body == b"slow":
+                release.wait(60)
+
+        consumer = broker.consumer(unique_name, handle, **{"group": unique_name, **self.consumer_settings})
+        assert consumer.health().problems == ("not running",)
+        consumer.start()
+        self.settle(consumer)
+        wait_for(lambda: consumer.health().ready, 30, "the consumer to be ready")
+        broker.publish(unique_name, b"slow").result(timeout=30)
+        wait_for(lambda: consumer.health().in_flight == 1, 30, "the handler to run")
+        time.sleep(0.5)
+        stuck = consumer.health(handler_within=0.3)
+        assert (stuck.live, stuck.ready, stuck.connected) == (False, False, True), stuck
+        assert stuck.longest_handler >= 0.5 and "a handler has been running" in stuck.problems[0]
+        assert consumer.health().live, "without a handler limit a slow handler is not stuck"
+        release.set()
+        wait_for(lambda: consumer.health(handler_within=0.3).ready and consumer.health().in_flight == 0, 30,
+                 "the handler to finish")
+        assert consumer.stop(30) is True
+        after = consumer.health()
+        assert (after.running, after.live, after.ready) == (False, False, False)
+
     # -- a claim held by a live consumer --------------------------------------------------------------
 
     @pytest.mark.timeout(90)
