@@ -16,7 +16,9 @@
   to deliver again), then leaving ``async with connect(...)`` flushes the publisher and closes.
 
 ``GET /health`` says whether the consumer runs (503 if not) with the consumer's and the broker's
-counters; ``GET /processed`` what the handler did (kept in memory for the demo: a real service
+counters; ``GET /livez`` and ``GET /readyz`` are the probes (``consumer.health()``: 503 when stuck or
+stopped, resp. also when the broker is out of reach; no network call); ``GET /metrics`` serves the
+counters to Prometheus; ``GET /processed`` what the handler did (kept in memory for the demo: a real service
 writes to its database).
 
     python examples/fastapi_service.py [--host 127.0.0.1] [--port 8000]
@@ -49,9 +51,11 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, make_asgi_app
 from pydantic import BaseModel, Field
 
 import reliable_messaging as rm
+from reliable_messaging.prometheus import BrokerCollector
 
 BROKER_URL = os.environ.get("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 SOURCE = os.environ.get("SOURCE", "orders")
@@ -111,6 +115,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                                    loop=asyncio.get_running_loop())
         await consumer.start()  # connects on an executor thread; raises what keeps it from consuming
         app.state.broker, app.state.consumer, app.state.ledger = broker, consumer, ledger
+        COLLECTOR.add(broker)
         print(f"consuming {SOURCE} with {HANDLERS} handlers ({broker!r})", flush=True)
         drained = False
         try:
@@ -127,6 +132,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="orders", lifespan=lifespan)
+METRICS = CollectorRegistry()  # the broker's counters only; a service would add its own metrics here
+COLLECTOR = BrokerCollector()
+METRICS.register(COLLECTOR)
+app.mount("/metrics", make_asgi_app(METRICS))
 
 
 @app.post("/orders", status_code=202, response_model=None)
@@ -157,6 +166,20 @@ async def health(request: Request) -> JSONResponse:
         "broker": dataclasses.asdict(broker.stats()),
     }
     return JSONResponse(body, status_code=200 if running else 503)
+
+
+@app.get("/livez", response_model=None)
+async def livez(request: Request) -> JSONResponse:
+    """Liveness: 503 if the consumer stopped, its loop stalls, or a handler ran longer than 60 s (restart me)."""
+    health = request.app.state.consumer.health(handler_within=60.0)
+    return JSONResponse(dataclasses.asdict(health), status_code=200 if health.live else 503)
+
+
+@app.get("/readyz", response_model=None)
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: live and connected to the broker (503 while it is out of reach: send traffic elsewhere)."""
+    health = request.app.state.consumer.health(handler_within=60.0)
+    return JSONResponse(dataclasses.asdict(health), status_code=200 if health.ready else 503)
 
 
 @app.get("/processed")

@@ -145,6 +145,14 @@ def test_fastapi_service(broker: str, service: Service, unique_name: str) -> Non
     publisher = health["broker"]["publisher"]
     assert publisher["confirmed"] == ORDERS + 1 and publisher["failed"] == 0, publisher
     assert service.get("/processed")["processed"] == ORDERS
+    for probe in ("/livez", "/readyz"):
+        answer = service.http.get(probe, timeout=5)
+        assert answer.status_code == 200 and answer.json()["problems"] == [], answer.text
+    metrics = service.http.get("/metrics/", timeout=5)
+    assert metrics.status_code == 200
+    handled = [line for line in metrics.text.splitlines()
+               if line.startswith("reliable_messaging_consumer_processed_total{")]
+    assert len(handled) == 1 and float(handled[0].rsplit(" ", 1)[1]) == ORDERS, handled
 
     service.proc.send_signal(signal.SIGTERM)
     try:
