@@ -331,7 +331,7 @@ class KafkaConsumer(LoopFriendly):
         if self._concurrent is not None:
             turn = self._concurrent.last_turn
         else:  # one thread polls and handles: a handler starting in a long batch is progress too
-            turn = max((t for t in (self._last_turn, self._runner.last_start()) if t is not None), default=None)
+            turn = max((t for t in (self._last_turn, self._runner.last_progress()) if t is not None), default=None)
         in_flight, oldest = self._runner.in_flight()
         up = self._brokers_up
         connected = bool(self._partitions.assigned) if up is None else up

@@ -86,7 +86,7 @@ class MemoryConsumer(LoopFriendly):
         check_limits(poll_within, handler_within)
         in_flight, oldest = self.runner.in_flight()
         turn = self._last_turn if self._dispatcher is not None else max(
-            (t for t in (self._last_turn, self.runner.last_start()) if t is not None), default=None)
+            (t for t in (self._last_turn, self.runner.last_progress()) if t is not None), default=None)
         return assess(running=self.running, error=self.error, connected=self.running, last_turn=turn,
                       in_flight=in_flight, oldest_start=oldest, poll_within=poll_within,
                       handler_within=handler_within)
