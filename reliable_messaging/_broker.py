@@ -117,6 +117,7 @@ class Broker(abc.ABC):
         self._closed = False
         self._consumers: dict[str, Consumer] = {}
         self._sources: dict[str, tuple[str, str]] = {}
+        self._tracing: Any = None  # reliable_messaging.otel.Tracing once instrument() was called
 
     # -- what a backend implements --------------------------------------------------------------
 
@@ -184,6 +185,14 @@ class Broker(abc.ABC):
         application/json`` — a pydantic model, a msgspec Struct, a dataclass, a dict, list or number
         (:mod:`reliable_messaging._payload`).
         """
+        if self._tracing is not None:
+            return self._tracing.publish(  # type: ignore[no-any-return]
+                destination, headers, message_id,
+                lambda traced: self._publish_encoded(destination, body, key, traced, message_id))
+        return self._publish_encoded(destination, body, key, headers, message_id)
+
+    def _publish_encoded(self, destination: str, body: object, key: str | bytes | None,
+                         headers: OutgoingHeaders | None, message_id: str | None) -> DeliveryFuture:
         if body.__class__ is bytes:
             return self._publish(destination, body, key=key, headers=headers,
                                  message_id=message_id, content_type=None)
@@ -252,6 +261,8 @@ class Broker(abc.ABC):
         with self._lock:
             if self._closed:
                 raise ClosedError("the broker connection is closed")
+            if self._tracing is not None:
+                handler = self._tracing.wrap(handler, source, retry or self.retry)
             consumer = self._consumer(source, handler, group=group, retry=retry or self.retry, decoder=decoder,
                                       dedup=store, dedup_key=dedup_key, loop=loop, concurrency=mode)
             name = f"{group}/{source}" if group and self._groups_matter() else source

@@ -108,6 +108,17 @@ class RetryPolicy:
         object.__setattr__(self, "not_retryable", tuple(not_retryable))
         object.__setattr__(self, "by_error", pairs)
 
+    def will_retry(self, error: BaseException, attempt: int) -> bool:
+        """Whether a handler's ``error`` on attempt number ``attempt`` gets another attempt (else: dead letter),
+        as the consumers decide it."""
+        from ._errors import Reject, Retry
+
+        if isinstance(error, Reject):
+            return False
+        if isinstance(error, Retry):
+            return not self.exhausted(attempt)
+        return self.retryable(error) and not self.for_error(error).exhausted(attempt)
+
     def retryable(self, error: BaseException) -> bool:
         """False if ``error`` is one of :attr:`not_retryable`."""
         return not isinstance(error, self.not_retryable)
