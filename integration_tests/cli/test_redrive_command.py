@@ -121,3 +121,31 @@ def test_redrive_killed_midway_and_rerun_moves_every_dead_letter_once(broker: st
     counts = Counter(handled)
     assert sorted(counts) == ids and max(counts.values()) == 1, [m for m, n in counts.items() if n > 1]
     assert set(copies) == {1}, Counter(copies)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", ["rabbitmq"])
+def test_a_dead_letter_whose_copy_the_broker_refuses_stays_in_the_dead_letter_queue(
+        broker: str, url: str, unique_name: str) -> None:
+    """The origin queue is gone, so the copy is unroutable (mandatory): redrive fails and every dead letter stays.
+    A redrive that acked before the broker confirmed the copy would lose the first one here."""
+    def reject(message: rm.Message) -> None:
+        raise rm.Reject("bad")
+
+    with rm.connect(url, name=unique_name) as b:
+        consumer = b.consumer(unique_name, reject)
+        consumer.start()
+        for i in range(5):
+            b.publish(unique_name, f"order {i}").result(timeout=30)
+        wait_for(lambda: consumer.stats.dead_lettered == 5, 60, "5 dead letters")
+        assert consumer.stop(30) is True
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.queue_delete(unique_name)
+        code, report, err = command(url, "--from", unique_name)
+        assert code != 0 and "does not exist" in err, (code, report, err)
+        assert channel.queue_declare(f"{unique_name}.dlq", passive=True).method.message_count == 5
+    finally:
+        connection.close()
