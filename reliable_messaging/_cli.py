@@ -86,10 +86,15 @@ def main(verbose: int) -> None:
 @click.option("--seed", type=int, default=None, help="Seed of the kill points (replays a run's choices).")
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds one audit may take.")
+@click.option("--cut-connections", "cut", is_flag=True,
+              help="Also reset the consumer's connections through a TCP proxy, about every --cut-every seconds "
+              "(Kafka: the local broker of `brokers up` only).")
+@click.option("--cut-every", default=2.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between cuts, on average (0.5 to 1.5 times it).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per audit on stdout, nothing else.")
 def verify_command(urls: tuple[str, ...], guarantees: tuple[str, ...], messages: int, kill_every: int,
                    concurrency: int, settings: tuple[str, ...], seed: int | None, timeout: float,
-                   as_json: bool) -> None:
+                   cut: bool, cut_every: float, as_json: bool) -> None:
     """Publish numbered messages to each URL, consume them in a separate process killed at random moments, and
     report what was lost and repeated against what each guarantee promises.
 
@@ -117,7 +122,7 @@ def verify_command(urls: tuple[str, ...], guarantees: tuple[str, ...], messages:
 
                     report = verify(url, guarantee=guarantee, messages=messages, kill_every=kill_every,
                                     concurrency=concurrency, settings=overrides, seed=seed, timeout=timeout,
-                                    progress=progress)
+                                    progress=progress, cut_every=cut_every if cut else None)
             except ConfigurationError as exc:
                 console.print(f"[red]error:[/red] {label}: {exc}", markup=True, highlight=False)
                 sys.exit(EXIT_USAGE)
@@ -133,6 +138,7 @@ def verify_command(urls: tuple[str, ...], guarantees: tuple[str, ...], messages:
             elif not console.is_terminal:
                 console.print(f"{label}: {'held' if report.held else 'NOT HELD'} "
                               f"(lost {report.lost}, repeated {report.duplicates_processed}, kills {report.kills}, "
+                              f"cuts {report.cuts}, "
                               f"{report.seconds:.0f} s)", highlight=False)
     if not as_json:
         stdout_console().print(report_table(reports))

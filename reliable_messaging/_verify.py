@@ -29,7 +29,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -41,6 +43,8 @@ from ._dedup import MemoryDedupStore
 from ._errors import ConfigurationError, ReliableMessagingError
 from ._facade import connect
 from ._log import redact
+from .testing._local import KAFKA_PORT, KAFKA_PROXIED_PORT, KAFKA_PROXY_PORT
+from .testing._proxy import TcpProxy
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -81,6 +85,8 @@ class VerifyReport:
     promise: str
     held: bool
     seconds: float
+    cuts: int = 0
+    """Times the consumer processes' connections were cut (``cut_every``)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,12 +115,16 @@ def verify(
     seed: int | None = None,
     timeout: float = 300.0,
     progress: Callable[[int, int, int], None] | None = None,
+    cut_every: float | None = None,
 ) -> VerifyReport:
     """Run the audit against the broker at ``url`` and return what it found (see the module docstring).
 
     ``destination``: the topic/queue to use (default: a new ``rm-verify-<random>``, deleted afterwards).
     ``kill_every``: None or 0 runs one consumer process to the end, no kills. ``progress(handled, total, kills)``
-    is called about 10 times a second. Raises :class:`ConfigurationError` for invalid arguments and
+    is called about 10 times a second. ``cut_every``: the consumer processes connect through a TCP proxy this run
+    starts, which resets all their connections every 0.5 to 1.5 times that many seconds (RabbitMQ: any broker;
+    Kafka: the local broker of ``reliable-messaging brokers up``, whose proxied listener advertises the proxy).
+    Raises :class:`ConfigurationError` for invalid arguments and
     :class:`ReliableMessagingError` when the run cannot be carried out (unreachable broker, a consumer process
     that dies on its own, ``timeout`` seconds passed).
     """
@@ -129,6 +139,10 @@ def verify(
         raise ConfigurationError(f"kill_every must be an int >= 0 or None, got {kill_every!r}", field="kill_every")
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}", field="concurrency")
+    if cut_every is not None and (isinstance(cut_every, bool) or not isinstance(cut_every, int | float)
+                                  or cut_every <= 0):
+        raise ConfigurationError(f"cut_every must be a number of seconds > 0 or None, got {cut_every!r}",
+                                 field="cut_every")
     scheme = url.split("://", 1)[0].lower() if isinstance(url, str) and "://" in url else ""
     if scheme == "memory":
         raise ConfigurationError("verify needs a broker outside the process (kafka://, amqp://): an in-process "
@@ -154,7 +168,13 @@ def verify(
         if destination is None:  # on every way out, an interrupted run's too
             stack.callback(_delete, url, options, source)
         confirmed_ids, failed = _publish(url, preset, options, source, ids, deadline)
-        args = _ConsumerArgs(url=url, guarantee=preset, settings=options, source=source, group=f"{source}-g",
+        consumer_url, cutter = url, None
+        if cut_every:
+            proxy, consumer_url = _proxy_for(url)
+            stack.enter_context(proxy)
+            cutter = _Cutter(proxy, cut_every, rng)
+            stack.callback(cutter.stop)  # before the proxy closes (callbacks run last in, first out)
+        args = _ConsumerArgs(url=consumer_url, guarantee=preset, settings=options, source=source, group=f"{source}-g",
                              log=log_path, dedup=work / f"{source}.dedup.sqlite3", concurrency=concurrency,
                              stderr=stderr_path)
         log = _Log(log_path)
@@ -221,6 +241,7 @@ def verify(
                 proc.wait(10)
         log.refresh()
         report_progress()
+        cuts = cutter.stop() if cutter is not None else 0
         counts = Counter(log.ids)
         consumer_stats = [_read_stats(path) for path in stats]
 
@@ -234,7 +255,55 @@ def verify(
         sent=messages, confirmed=len(confirmed_ids), publish_failed=failed, received_unique=len(counts),
         lost=lost, duplicates_delivered=processed_twice + absorbed, duplicates_processed=processed_twice,
         dead_lettered=sum(s.get("dead_lettered", 0) for s in consumer_stats), kills=kills, repeat_bound=bound,
-        promise=promise, held=held, seconds=round(time.monotonic() - began, 2))
+        promise=promise, held=held, seconds=round(time.monotonic() - began, 2), cuts=cuts)
+
+
+def _proxy_for(url: str) -> tuple[TcpProxy, str]:
+    """A started proxy in front of the broker of ``url``, and the URL that goes through it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "kafka":
+        # Kafka clients connect to the addresses the broker advertises, not to the bootstrap address: only a
+        # listener that advertises the proxy keeps them on it. The local broker has one (PROXIED).
+        local = {f"127.0.0.1:{KAFKA_PORT}", f"localhost:{KAFKA_PORT}"}
+        if parts.netloc not in local:
+            raise ConfigurationError("cutting Kafka connections needs the local broker (reliable-messaging brokers "
+                                     f"up; kafka://127.0.0.1:{KAFKA_PORT}), whose proxied listener advertises the "
+                                     "proxy", field="cut_every")
+        proxy = TcpProxy("127.0.0.1", KAFKA_PROXIED_PORT, listen_port=KAFKA_PROXY_PORT)
+        try:
+            proxy.start()
+        except OSError as exc:
+            raise ReliableMessagingError(f"verify: cannot listen on the Kafka proxy port {KAFKA_PROXY_PORT}: {exc} "
+                                         "(another run or test using it?)") from exc
+        return proxy, f"kafka://127.0.0.1:{KAFKA_PROXY_PORT}"
+    proxy = TcpProxy(parts.hostname or "localhost", parts.port or 5672).start()
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{proxy.host}:{proxy.port}" if userinfo else f"{proxy.host}:{proxy.port}"
+    return proxy, urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class _Cutter:
+    """Resets every connection through ``proxy`` every 0.5-1.5 x ``every`` seconds, on a thread of its own."""
+
+    def __init__(self, proxy: TcpProxy, every: float, rng: random.Random) -> None:
+        self._proxy = proxy
+        self._stop = threading.Event()
+        self.cuts = 0
+        delays = [every * rng.uniform(0.5, 1.5) for _ in range(10_000)]
+        self._thread = threading.Thread(target=self._run, args=(delays,), name="rm-verify-cutter", daemon=True)
+        self._thread.start()
+
+    def _run(self, delays: list[float]) -> None:
+        for delay in delays:
+            if self._stop.wait(delay):
+                return
+            if self._proxy.cut():
+                self.cuts += 1
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.cuts
 
 
 def _publish(url: str, preset: Guarantee, options: dict[str, Any], source: str, ids: list[str],

@@ -50,6 +50,21 @@ def test_effectively_once_holds_with_kills_and_at_most_once_repeats_nothing(brok
 
 @pytest.mark.parametrize("broker", BROKERS)
 @pytest.mark.timeout(300)
+def test_effectively_once_holds_with_kills_and_connections_cut(broker: str, url: str) -> None:
+    """--cut-connections: the consumer goes through a TCP proxy that resets its connections about every half second
+    (Kafka: through the local broker's proxied listener), on top of the kills; the promise still holds."""
+    code, reports, err = run(url, "-g", "effectively-once", "-n", "3000", "-k", "1000", "--cut-connections",
+                             "--cut-every", "0.5")
+    assert len(reports) == 1, err
+    [report] = reports
+    assert report["cuts"] >= 2 and report["kills"] >= 1, report
+    assert report["lost"] == 0 and report["duplicates_processed"] <= report["kills"], report
+    assert report["held"] is True and code == 0, (report, err)
+    print(f"{broker}: effectively-once with cuts {report}")
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+@pytest.mark.timeout(300)
 def test_a_setting_that_undoes_at_least_once_is_caught(broker: str, url: str) -> None:
     """Auto-commit (Kafka) or auto-ack (RabbitMQ) under an at-least-once claim, with kills: work is lost, and the
     audit says so and exits 1.
