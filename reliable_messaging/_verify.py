@@ -143,6 +143,8 @@ def verify(
                                   or cut_every <= 0):
         raise ConfigurationError(f"cut_every must be a number of seconds > 0 or None, got {cut_every!r}",
                                  field="cut_every")
+    if cut_every:
+        _proxiable(url)
     scheme = url.split("://", 1)[0].lower() if isinstance(url, str) and "://" in url else ""
     if scheme == "memory":
         raise ConfigurationError("verify needs a broker outside the process (kafka://, amqp://): an in-process "
@@ -167,13 +169,13 @@ def verify(
         ids = [f"{run_id}-{i:07d}" for i in range(messages)]
         if destination is None:  # on every way out, an interrupted run's too
             stack.callback(_delete, url, options, source)
-        confirmed_ids, failed = _publish(url, preset, options, source, ids, deadline)
         consumer_url, cutter = url, None
-        if cut_every:
+        if cut_every:  # before publishing: a Kafka URL that cannot be proxied is refused with nothing sent
             proxy, consumer_url = _proxy_for(url)
             stack.enter_context(proxy)
             cutter = _Cutter(proxy, cut_every, rng)
             stack.callback(cutter.stop)  # before the proxy closes (callbacks run last in, first out)
+        confirmed_ids, failed = _publish(url, preset, options, source, ids, deadline)
         args = _ConsumerArgs(url=consumer_url, guarantee=preset, settings=options, source=source, group=f"{source}-g",
                              log=log_path, dedup=work / f"{source}.dedup.sqlite3", concurrency=concurrency,
                              stderr=stderr_path)
@@ -258,17 +260,22 @@ def verify(
         promise=promise, held=held, seconds=round(time.monotonic() - began, 2), cuts=cuts)
 
 
+def _proxiable(url: str) -> None:
+    """ConfigurationError unless the consumers of ``url`` can be run through a proxy.
+
+    Kafka clients connect to the addresses the broker advertises, not to the bootstrap address: only a listener
+    that advertises the proxy keeps them on it. The local broker has one (PROXIED)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "kafka" and parts.netloc not in {f"127.0.0.1:{KAFKA_PORT}", f"localhost:{KAFKA_PORT}"}:
+        raise ConfigurationError("cutting Kafka connections needs the local broker (reliable-messaging brokers up; "
+                                 f"kafka://127.0.0.1:{KAFKA_PORT}), whose proxied listener advertises the proxy",
+                                 field="cut_every")
+
+
 def _proxy_for(url: str) -> tuple[TcpProxy, str]:
     """A started proxy in front of the broker of ``url``, and the URL that goes through it."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "kafka":
-        # Kafka clients connect to the addresses the broker advertises, not to the bootstrap address: only a
-        # listener that advertises the proxy keeps them on it. The local broker has one (PROXIED).
-        local = {f"127.0.0.1:{KAFKA_PORT}", f"localhost:{KAFKA_PORT}"}
-        if parts.netloc not in local:
-            raise ConfigurationError("cutting Kafka connections needs the local broker (reliable-messaging brokers "
-                                     f"up; kafka://127.0.0.1:{KAFKA_PORT}), whose proxied listener advertises the "
-                                     "proxy", field="cut_every")
         proxy = TcpProxy("127.0.0.1", KAFKA_PROXIED_PORT, listen_port=KAFKA_PROXY_PORT)
         try:
             proxy.start()

@@ -42,6 +42,8 @@ def test_a_setting_without_a_field_name_is_a_usage_error(text: str) -> None:
     ({"kill_every": -1}, "kill_every"),
     ({"concurrency": 0}, "concurrency"),
     ({"settings": {"no_such_setting": 1}}, None),
+    ({"cut_every": 0}, "cut_every"), ({"cut_every": True}, "cut_every"),
+    ({"cut_every": 1.0}, "cut_every"),  # kafka://127.0.0.1:1 is not the local broker: its clients cannot be proxied
 ])
 def test_invalid_arguments_fail_before_anything_connects(kwargs: dict[str, object], field: str | None) -> None:
     # An unreachable address: connecting would hang for the timeout, so a quick error shows nothing connected.
