@@ -8,6 +8,7 @@ naming the field and the allowed values, never later at the broker.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import types
@@ -152,6 +153,17 @@ class CommitMode(str, enum.Enum):
     STORE_OFFSETS = "store_offsets"
 
 
+_SECRET_PARTS = ("password", "secret", "pem", "jaas", "oauthbearer.config", "token", "key.location")
+
+
+def _repr_hiding_secrets(config: Any) -> str:
+    """The dataclass repr with ``extra``'s secret values (SASL/SSL passwords, keys, tokens) as ``***``."""
+    shown = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config) if f.repr]
+    extra = {key: "***" if any(part in key for part in _SECRET_PARTS) else value
+             for key, value in config.extra.items()}
+    return f"{type(config).__name__}({', '.join([*shown, f'extra={extra!r}'])})"
+
+
 def _positive(owner: str, name: str, value: object, *, allow_zero: bool = False) -> float:
     number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if number and (value > 0 or (allow_zero and value == 0)):  # type: ignore[operator]
@@ -251,8 +263,11 @@ class KafkaProducerConfig:
     answers. Once a broker was reached, an outage is ridden out within ``delivery_timeout``."""
     client_id: str = "reliable-messaging"
     """``client.id``: shows up in broker logs and quotas."""
-    extra: Mapping[str, ConfigValue] = field(default_factory=dict)
+    extra: Mapping[str, ConfigValue] = field(default_factory=dict, repr=False)
     """Further librdkafka properties (e.g. ``security.protocol``); may not override a field above."""
+
+    def __repr__(self) -> str:
+        return _repr_hiding_secrets(self)
 
     def __post_init__(self) -> None:
         owner = "KafkaProducerConfig"
@@ -393,8 +408,11 @@ class KafkaConsumerConfig:
     """Messages taken from librdkafka's queue per call (``consume(num_messages)``): fewer C calls per message."""
     client_id: str = "reliable-messaging"
     """``client.id``."""
-    extra: Mapping[str, ConfigValue] = field(default_factory=dict)
+    extra: Mapping[str, ConfigValue] = field(default_factory=dict, repr=False)
     """Further librdkafka properties (e.g. ``group.instance.id``); may not override a field above."""
+
+    def __repr__(self) -> str:
+        return _repr_hiding_secrets(self)
 
     def __post_init__(self) -> None:
         owner = "KafkaConsumerConfig"
