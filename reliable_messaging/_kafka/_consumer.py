@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -74,10 +73,10 @@ from ._concurrent import ConcurrentLoop
 from ._config import CommitMode, KafkaConsumerConfig
 from ._message import KafkaMessage, new_kafka_message
 from ._offsets import TopicPartitionKey
-from ._partitions import REPUBLISH_BACKOFF, Partitions
+from ._partitions import REPUBLISH_BACKOFF, Partitions, read_statistics
 from ._producer import KafkaProducer
 from ._republish import Republisher
-from ._topology import TopicNames, create_topics, partition_counts
+from ._topology import TopicNames, prepare_consumer_topics
 
 __all__ = ["KafkaConsumer"]
 
@@ -422,25 +421,11 @@ class KafkaConsumer(LoopFriendly):
         self._stop.set()
 
     def _prepare_topics(self) -> None:
-        if not self._create_topics:
-            return
-        extra = {k: v for k, v in self.config.extra.items() if k.startswith(_PRODUCER_SECURITY_PREFIXES)}
-        try:
-            counts = partition_counts(self.config.bootstrap_servers, self._topics, extra=extra)
-            # A source topic that does not exist yet is created too (broker defaults): librdkafka only
-            # looks again for a subscribed topic it did not find at the next metadata refresh
-            # (topic.metadata.refresh.interval.ms, 5 minutes), so records published meanwhile would wait.
-            wanted: dict[str, int] = {topic: -1 for topic in self._topics if topic not in counts}
-            for topic in self._topics:
-                partitions = counts.get(topic, -1)
-                wanted[self._names.dead_letter(topic)] = partitions
-                if self._retry_topics:
-                    for level in range(1, self._levels + 1):
-                        wanted[self._names.retry(topic, level)] = partitions
-            create_topics(self.config.bootstrap_servers, wanted, extra=extra)
-        except ReliableMessagingError as exc:
-            logger.warning("could not create retry/dead-letter topics (%s); relying on broker auto-creation", exc)
-            logger.debug("topic creation failure", exc_info=exc)
+        if self._create_topics:
+            levels = self._levels if self._retry_topics else 0
+            prepare_consumer_topics(self.config.bootstrap_servers, self._topics, self._names, levels,
+                                    {k: v for k, v in self.config.extra.items()
+                                     if k.startswith(_PRODUCER_SECURITY_PREFIXES)})
 
     def _batch(self, records: list[RawMessage]) -> list[tuple[TopicPartitionKey, int, KafkaMessage, Outcome | None]]:
         """The fetched records as messages, less those of a partition rewound meanwhile (``self._skip``: they come
@@ -557,19 +542,8 @@ class KafkaConsumer(LoopFriendly):
 
     def _on_statistics(self, document: str) -> None:
         """(the polling thread, inside consume()) librdkafka's statistics JSON: broker states and lag."""
-        try:
-            stats = json.loads(document)
-            brokers = stats.get("brokers", {}).values()
-            self._brokers_up = any(b.get("state") == "UP" for b in brokers if b.get("nodeid", -1) >= 0)
-            assigned = self._partitions.assigned
-            lag = 0
-            for topic, about in stats.get("topics", {}).items():
-                for number, partition in about.get("partitions", {}).items():
-                    if (topic, int(number)) in assigned and partition.get("consumer_lag", -1) >= 0:
-                        lag += partition["consumer_lag"]
-            self._lag = lag
-        except (ValueError, TypeError, AttributeError) as exc:  # a statistics format this code does not know
-            logger.debug("unreadable librdkafka statistics: %s", exc)
+        self._brokers_up, self._lag = read_statistics(document, self._partitions.assigned, self._brokers_up,
+                                                      self._lag)
 
     def _on_commit_cb(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         self._commits.on_commit(err, partitions)

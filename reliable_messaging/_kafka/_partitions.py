@@ -17,10 +17,11 @@ committed offset).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Collection, Iterable, MutableMapping
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as RawMessage
@@ -31,7 +32,7 @@ from .._retry import RetryPolicy
 from ._errors import kafka_error_of, operation_error
 from ._offsets import OffsetTracker, TopicPartitionKey
 
-__all__ = ["POLL_TIMEOUT", "REPUBLISH_BACKOFF", "Partitions"]
+__all__ = ["POLL_TIMEOUT", "REPUBLISH_BACKOFF", "Partitions", "read_statistics"]
 
 logger = limit_repeats(logging.getLogger("reliable_messaging.kafka.consumer"))
 
@@ -151,3 +152,22 @@ class Partitions:
         self.throttled.clear()
         if back:
             self.client.resume([TopicPartition(t, p) for t, p in back])
+
+
+def read_statistics(document: str, assigned: Collection[TopicPartitionKey], up: bool | None,
+                    lag: int | None) -> tuple[bool | None, int | None]:
+    """From librdkafka's statistics JSON (``stats_cb``): whether some broker connection is up, and the summed
+    consumer lag of the ``assigned`` partitions; ``(up, lag)`` as they were if the document cannot be read."""
+    try:
+        stats = json.loads(document)
+        brokers = stats.get("brokers", {}).values()
+        now_up = any(b.get("state") == "UP" for b in brokers if b.get("nodeid", -1) >= 0)
+        total = 0
+        for topic, about in stats.get("topics", {}).items():
+            for number, partition in about.get("partitions", {}).items():
+                if (topic, int(number)) in assigned and partition.get("consumer_lag", -1) >= 0:
+                    total += partition["consumer_lag"]
+    except (ValueError, TypeError, AttributeError) as exc:  # a statistics format this code does not know
+        logger.debug("unreadable librdkafka statistics: %s", exc)
+        return up, lag
+    return now_up, total

@@ -29,7 +29,7 @@ from confluent_kafka.cimpl import NewTopic
 from .._errors import BrokerUnavailable, ConfigurationError
 from ._errors import kafka_error_of, operation_error
 
-__all__ = ["TopicNames", "create_topics", "delete_topics", "partition_counts", "reachable"]
+__all__ = ["TopicNames", "create_topics", "delete_topics", "partition_counts", "prepare_consumer_topics", "reachable"]
 
 logger = logging.getLogger("reliable_messaging.kafka.topology")
 
@@ -206,3 +206,30 @@ def reachable(bootstrap_servers: str, *, timeout: float, extra: Mapping[str, obj
     except KafkaException:
         return False
     return True
+
+
+def prepare_consumer_topics(bootstrap_servers: str, topics: Iterable[str], names: TopicNames, levels: int,
+                            extra: Mapping[str, object]) -> None:
+    """Create what a consumer of ``topics`` needs and is missing: each topic's dead-letter topic and ``levels``
+    retry topics (with its partition count), and a source topic that does not exist yet (broker defaults).
+
+    A failure is logged, not raised: the consumer then relies on the broker's auto-creation.
+    """
+    from .._errors import ReliableMessagingError
+
+    topics = list(topics)
+    try:
+        counts = partition_counts(bootstrap_servers, topics, extra=extra)
+        # A source topic that does not exist yet is created too: librdkafka only looks again for a subscribed
+        # topic it did not find at the next metadata refresh (topic.metadata.refresh.interval.ms, 5 minutes),
+        # so records published meanwhile would wait.
+        wanted: dict[str, int] = {topic: -1 for topic in topics if topic not in counts}
+        for topic in topics:
+            partitions = counts.get(topic, -1)
+            wanted[names.dead_letter(topic)] = partitions
+            for level in range(1, levels + 1):
+                wanted[names.retry(topic, level)] = partitions
+        create_topics(bootstrap_servers, wanted, extra=extra)
+    except ReliableMessagingError as exc:
+        logger.warning("could not create retry/dead-letter topics (%s); relying on broker auto-creation", exc)
+        logger.debug("topic creation failure", exc_info=exc)
