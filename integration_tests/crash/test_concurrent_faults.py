@@ -115,8 +115,9 @@ def test_rabbitmq_consumer_stopped_with_sigterm_repeats_nothing(
         rabbitmq_endpoint: RabbitMQEndpoint, queue_name: str, n: int, tmp_path: Path) -> None:
     run = _sigterm(rabbitmq_endpoint.url, queue_name, "unused", tmp_path, n, {})
     assert (run.lost, run.repeats) == (0, 0), run.describe()
-    # After SIGTERM no new delivery starts: the handlers running finish, the prefetched rest goes back.
-    assert max(run.after_signal) <= n + SIGNAL_SLACK, run.describe()
+    # After SIGTERM no new delivery starts: the handlers running finish, the prefetched rest goes back. Those N,
+    # plus the ones that started while the signal was on its way (with 2 ms handlers, up to N more).
+    assert max(run.after_signal) <= 2 * n + SIGNAL_SLACK, run.describe()
 
 
 @pytest.mark.kafka

@@ -488,9 +488,11 @@ class RabbitMQConsumer(LoopFriendly):
             self._abort_if_a_handler_did()
 
     def _still_wanted(self, job: Job) -> bool:
-        """Whether a job about to start still has its channel (else the broker redelivers its message)."""
+        """Whether a job about to start still has its channel and the consumer is not stopping (else the broker
+        redelivers its message: a stop lets the handlers running finish, and starts no other)."""
         engine = self._engine
-        return engine is not None and job.ref[0] == engine.generation and self._handler_aborted is None
+        return (engine is not None and job.ref[0] == engine.generation and self._handler_aborted is None
+                and not self._stopping.is_set())
 
     def _job_done(self, job: Job, error: BaseException | None) -> None:
         """A handler finished (on its thread or task): post its outcome to the I/O thread."""
