@@ -27,7 +27,8 @@ and batches, so their spans would not line up with a publish() future or a handl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -112,43 +113,35 @@ class Tracing:
         """``handler`` inside a consumer span, the child of the context in the message's headers."""
         tracer, system = self._tracer, self._system
 
-        def start(message: Message) -> tuple[Any, object]:
+        @contextlib.contextmanager
+        def span_for(message: Message) -> Iterator[None]:
             parent = propagate.extract(message.headers, getter=_GETTER)
             span = tracer.start_span(f"process {source}", context=parent, kind=SpanKind.CONSUMER, attributes={
                 "messaging.system": system, "messaging.destination.name": source,
                 "messaging.message.id": message.message_id, "messaging.operation.type": "process",
                 "messaging.reliable.attempt": message.attempt})
-            return span, otel_context.attach(trace.set_span_in_context(span))
-
-        def failed(span: Any, message: Message, exc: Exception) -> None:
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            span.add_event("retry" if retry.will_retry(exc, message.attempt) else "dead_letter",
-                           {"messaging.reliable.attempt": message.attempt})
+            token = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                yield
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                span.add_event("retry" if retry.will_retry(exc, message.attempt) else "dead_letter",
+                               {"messaging.reliable.attempt": message.attempt})
+                raise
+            finally:
+                otel_context.detach(token)
+                span.end()
 
         if is_async(handler):
             async def traced_async(message: Message) -> Any:
-                span, token = start(message)
-                try:
+                with span_for(message):
                     return await handler(message)
-                except Exception as exc:
-                    failed(span, message, exc)
-                    raise
-                finally:
-                    otel_context.detach(token)  # type: ignore[arg-type]
-                    span.end()
 
             return traced_async
 
         def traced(message: Message) -> Any:
-            span, token = start(message)
-            try:
+            with span_for(message):
                 return handler(message)
-            except Exception as exc:
-                failed(span, message, exc)
-                raise
-            finally:
-                otel_context.detach(token)  # type: ignore[arg-type]
-                span.end()
 
         return traced
