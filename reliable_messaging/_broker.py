@@ -185,6 +185,9 @@ class Broker(abc.ABC):
         application/json`` — a pydantic model, a msgspec Struct, a dataclass, a dict, list or number
         (:mod:`reliable_messaging._payload`).
         """
+        if body.__class__ is bytes and self._tracing is None:  # the common case, one call deep
+            return self._publish(destination, body, key=key, headers=headers,
+                                 message_id=message_id, content_type=None)
         if self._tracing is not None:
             return self._tracing.publish(  # type: ignore[no-any-return]
                 destination, headers, message_id,
